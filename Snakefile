@@ -1,0 +1,22 @@
+# The captioning-compression experiment. Logic lives in the `captioning` package;
+# the rules in workflow/rules only wire files together.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/package.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.table.output,
+
+
+onerror:
+    print("The workflow failed: each rule's log is under logs/<rule>/ (see the error above).")

@@ -1,0 +1,91 @@
+"""Checks of the workflow config that JSON Schema cannot express, run before any job starts.
+
+Imported by the Snakefile, so it must stay light (no torch).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+WEIGHT_SOURCES = ("pretrain", "random", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+def _allowed(schema: dict) -> str:
+    """What a schema node allows, in words."""
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    parts = []
+    t = schema.get("type")
+    if t:
+        parts.append(" or ".join(t) if isinstance(t, list) else t)
+    for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
+                      ("exclusiveMaximum", "<")):
+        if key in schema:
+            parts.append(f"{word} {schema[key]}")
+    if "pattern" in schema:
+        parts.append(f"matching {schema['pattern']}")
+    return " ".join(parts) or "see workflow/schemas/config.schema.yaml"
+
+
+def schema_problems(config: dict, schema: dict) -> list[str]:
+    """Validate against the JSON Schema; each violation becomes one line naming the key."""
+    from jsonschema import Draft202012Validator
+
+    lines = []
+    for err in sorted(Draft202012Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.path))):
+        key = ".".join(map(str, err.absolute_path)) or "(top level)"
+        if err.validator == "additionalProperties":
+            known = ", ".join(err.schema.get("properties", {})) or "none"
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            lines.append(f"{key}: unknown key(s) {', '.join(extra)} (allowed: {known})")
+        elif err.validator == "required":
+            lines.append(f"{key}: {err.message}")
+        elif err.validator == "propertyNames":
+            lines.append(f"{key}: name {err.instance!r} must match {err.schema['pattern']}")
+        else:
+            lines.append(f"{key}: {err.instance!r} is not allowed (allowed: {_allowed(err.schema)})")
+    return list(dict.fromkeys(lines))
+
+
+def config_problems(config: dict) -> list[str]:
+    """Every cross-key problem, each as one line naming the key."""
+    problems = []
+    ds = config.get("dataset", {})
+    if ds.get("kind") == "karpathy":
+        for key in ("json", "image_root"):
+            if not ds.get(key):
+                problems.append(f"dataset.{key}: required when dataset.kind is karpathy")
+        if ds.get("json") and not os.path.isfile(ds["json"]):
+            problems.append(f"dataset.json: file not found: {ds['json']}")
+        if ds.get("image_root") and not os.path.isdir(ds["image_root"]):
+            problems.append(f"dataset.image_root: folder not found: {ds['image_root']}")
+    encoders = config.get("encoders", {})
+    if config.get("baseline_encoder") not in encoders:
+        problems.append(f"baseline_encoder: '{config.get('baseline_encoder')}' is not one of the "
+                        f"encoders ({', '.join(encoders)})")
+    for name, enc in encoders.items():
+        w = enc.get("weights", "pretrain")
+        if w == "pretrain" and ds.get("kind") == "karpathy":
+            problems.append(f"encoders.{name}.weights: pretrain needs object labels, which only the "
+                            "synthetic dataset has; give a weights file instead")
+        elif w not in WEIGHT_SOURCES and not os.path.isfile(w):
+            problems.append(f"encoders.{name}.weights: '{w}' is neither one of "
+                            f"{', '.join(WEIGHT_SOURCES)} nor an existing file")
+    return problems
+
+
+def load_schema(path) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def check_config(config: dict, schema_path=None) -> None:
+    """Stop with one line per problem (no traceback) when the config is invalid or inconsistent."""
+    problems = schema_problems(config, load_schema(schema_path)) if schema_path else []
+    problems = problems or config_problems(config)
+    if problems:
+        for p in problems:
+            print(f"config error: {p}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Datasets: the synthetic generator, Karpathy-format loaders, caption preparation, images."""

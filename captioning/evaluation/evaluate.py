@@ -1,0 +1,58 @@
+"""Evaluate one model variant from its artifact on the raw test images.
+
+Writes the captions (COCO results JSON) and one metrics JSON holding quality,
+size on disk, parameter counts and latency, which the table step collects.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..io import read_json, write_json
+
+
+def count_params(captioner) -> tuple[int, int]:
+    """(all parameters, nonzero parameters) of encoder + decoder, as stored in the artifact."""
+    total = nonzero = 0
+    for group in captioner.state_groups().values():
+        for name, t in group.items():
+            if not t.is_floating_point() or name.endswith(("running_mean", "running_var")):
+                continue
+            total += t.numel()
+            nonzero += int((t != 0).sum())
+    return total, nonzero
+
+
+def evaluate(model, prepared, out_dir, split="test", beam_size=3, batch_size=16,
+             latency_images=20, threads=1, spice="auto", device="cpu", meta=None) -> dict:
+    from ..captioner import load_captioner
+    from .metrics import score_captions
+
+    prepared, out_dir = Path(prepared), Path(out_dir)
+    info = read_json(prepared / "info.json")
+    images = [im for im in read_json(prepared / "images.json") if im["split"] == split]
+    paths = [Path(info["image_root"]) / im["file_path"] for im in images]
+
+    cap = load_captioner(model, device=device)
+    results = []
+    for i in tqdm(range(0, len(paths), batch_size), desc=f"caption {split}", unit="batch"):
+        caps = cap.caption_files(paths[i:i + batch_size], beam_size, batch_size)
+        results += [{"image_id": im["id"], "caption": c}
+                    for im, c in zip(images[i:i + batch_size], caps)]
+    write_json(out_dir / "captions.json", results)
+
+    scores = score_captions(prepared / f"refs_{split}.json", results, spice=spice)
+    params, nonzero = count_params(cap)
+    cap.encoder.cpu(), cap.decoder.cpu()
+    cap.device = "cpu"
+    from .latency import measure_latency
+
+    latency = measure_latency(cap, paths[:latency_images], beam_size, threads)
+    metrics = {**(meta or {}), **scores, "params": params, "nonzero_params": nonzero,
+               "size_bytes": os.path.getsize(model), "size_mb": os.path.getsize(model) / 1e6,
+               "latency_ms": latency, "beam_size": beam_size, "threads": threads,
+               "n_images": len(results)}
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

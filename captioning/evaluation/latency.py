@@ -1,0 +1,28 @@
+"""CPU latency per image as a phone user would feel it: batch 1, raw image in, caption out."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def measure_latency(captioner, paths, beam_size: int = 3, threads: int = 1, warmup: int = 2) -> float:
+    """Median milliseconds per image (encoder + decoder, batch 1, ``threads`` CPU threads).
+
+    Image decoding from disk is excluded: it is the same for every variant.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        images = [captioner.images([p]) for p in paths]
+        for x in images[:warmup]:
+            captioner.caption_images(x, beam_size)
+        times = []
+        for x in images:
+            t0 = time.perf_counter()
+            captioner.caption_images(x, beam_size)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        torch.set_num_threads(prev)
+    return statistics.median(times)

@@ -1,0 +1,55 @@
+"""The results table: reductions against each decoder's baseline, the Pareto front, the files."""
+import pandas as pd
+import pytest
+
+from captioning.errors import UserError
+from captioning.io import write_json
+from captioning.results.table import COLUMNS, build_table, pareto_front, write_results
+
+
+def _metrics(tmp_path, rows):
+    files = []
+    for r in rows:
+        f = tmp_path / f"{r['variant']}.json"
+        write_json(f, {"dataset": "d", "stage": "x", "BLEU_1": 0.5, **r})
+        files.append(f)
+    return files
+
+
+ROWS = [
+    {"variant": "big-ud-xe", "encoder": "big", "decoder": "ud", "size_mb": 100.0, "CIDEr": 1.0, "latency_ms": 9.0},
+    {"variant": "small-ud-xe", "encoder": "small", "decoder": "ud", "size_mb": 10.0, "CIDEr": 0.9, "latency_ms": 2.0},
+    {"variant": "tiny-ud-xe", "encoder": "tiny", "decoder": "ud", "size_mb": 20.0, "CIDEr": 0.8, "latency_ms": 1.0},
+    {"variant": "big-tf-xe", "encoder": "big", "decoder": "tf", "size_mb": 50.0, "CIDEr": 2.0, "latency_ms": 9.0},
+]
+
+
+def test_reductions_are_against_the_rows_decoder_baseline(tmp_path):
+    df = build_table(_metrics(tmp_path, ROWS), ["big-ud-xe", "big-tf-xe"]).set_index("variant")
+    assert list(df.reset_index().columns) == COLUMNS
+    assert df.loc["big-ud-xe", "size_reduction_pct"] == 0
+    assert df.loc["small-ud-xe", "size_reduction_pct"] == pytest.approx(90.0)
+    assert df.loc["small-ud-xe", "cider_change_pct"] == pytest.approx(-10.0)
+    assert df.loc["big-tf-xe", "cider_change_pct"] == 0
+
+
+def test_missing_baseline_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="baseline variant 'nope'"):
+        build_table(_metrics(tmp_path, ROWS), ["nope"])
+    with pytest.raises(UserError, match="no baseline variant given"):
+        build_table(_metrics(tmp_path, ROWS), ["big-ud-xe"])
+
+
+def test_pareto_front():
+    df = pd.DataFrame({"size_mb": [100, 10, 20, 5], "CIDEr": [1.0, 0.9, 0.8, 0.1]})
+    assert pareto_front(df).tolist() == [True, True, False, True]
+
+
+def test_write_results_files(tmp_path):
+    df = write_results(_metrics(tmp_path, ROWS), ["big-ud-xe", "big-tf-xe"], tmp_path / "out")
+    assert len(df) == 4
+    csv = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert list(csv.columns) == COLUMNS and len(csv) == 4
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert md.count("\n") == 6 and "small-ud-xe" in md
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

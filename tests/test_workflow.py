@@ -1,0 +1,140 @@
+"""The whole DAG, end to end, on a tiny config in a temporary directory.
+
+One module-scoped run builds the table; the other tests reuse it to check caching,
+what a config change reruns, and that bad config values stop the run in one line.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from captioning.results.table import COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+
+TINY = {
+    "seed": 0,
+    "dataset": {"name": "tiny", "kind": "synthetic", "word_count_threshold": 1,
+                "synthetic": {"n_train": 40, "n_val": 8, "n_test": 8, "img_size": 64}},
+    "encoders": {
+        "r50": {"timm_name": "resnet50", "weights": "pretrain", "img_size": 64,
+                "pretrain": {"epochs": 1, "batch_size": 20}},
+        "mnv3s": {"timm_name": "mobilenetv3_small_100", "weights": "pretrain", "img_size": 64,
+                  "pretrain": {"epochs": 1, "batch_size": 20}},
+        "lite0": {"timm_name": "tf_efficientnet_lite0", "weights": "efficientnet-lite0", "img_size": 64},
+    },
+    "baseline_encoder": "r50",
+    "decoders": {"updown": {"arch": "updown", "input_encoding_size": 32, "rnn_size": 32, "att_hid_size": 16}},
+    "train": {"epochs": 1, "batch_size": 10, "threads": 1},
+    "evaluate": {"beam_size": 2, "latency_images": 3},
+}
+
+
+def smk(workdir, *args, check=True):
+    r = subprocess.run(SNAKEMAKE + ["-d", str(workdir), "--cores", "2", *args],
+                       capture_output=True, text=True, cwd=workdir)
+    if check and r.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def write_config(workdir, cfg):
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def planned_jobs(workdir):
+    """(rule, wildcards) of every job a dry run plans."""
+    out = smk(workdir, "-n", "results/table.csv").stdout
+    jobs = []
+    for block in re.split(r"\n(?=rule \w+:)", out):
+        m = re.match(r"rule (\w+):", block)
+        if m:
+            w = re.search(r"\n\s+wildcards: (.*)", block)
+            jobs.append((m.group(1), w.group(1) if w else ""))
+    return sorted(jobs)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dag")
+    write_config(work, TINY)
+    smk(work, "results/table.csv")
+    return work
+
+
+@pytest.mark.integration
+def test_table_has_every_variant_and_column(tiny_run):
+    df = pd.read_csv(tiny_run / "results/table.csv")
+    assert list(df.columns) == COLUMNS
+    assert sorted(df["variant"]) == ["lite0-updown-xe", "mnv3s-updown-xe", "r50-updown-xe"]
+    rows = df.set_index("encoder")
+    assert rows.loc["r50", "stage"] == "baseline" and rows.loc["r50", "size_reduction_pct"] == 0
+    assert (rows.loc[["mnv3s", "lite0"], "stage"] == "encoder").all()
+    # The small encoders really are smaller on disk than resnet50.
+    assert (rows.loc[["mnv3s", "lite0"], "size_reduction_pct"] > 50).all()
+    assert rows["params"].is_unique
+    for col in ["BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "cider_change_pct", "latency_ms", "size_mb"]:
+        assert df[col].notna().all(), col
+    assert (tiny_run / "results/table.md").is_file()
+    assert (tiny_run / "results/pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.integration
+def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
+    for rule in ["synthetic_dataset", "prepare_captions", "encoder_weights", "features", "train_xe",
+                 "pack", "evaluate", "table"]:
+        assert list((tiny_run / "logs" / rule).glob("*.log")), rule
+        assert list((tiny_run / "logs/benchmarks" / rule).glob("*.tsv")), rule
+
+
+@pytest.mark.integration
+def test_second_run_does_nothing(tiny_run):
+    assert planned_jobs(tiny_run) == []
+
+
+@pytest.mark.integration
+def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cfg["encoders"]["mnv3s"]["img_size"] = 48
+    write_config(tiny_run, cfg)
+    try:
+        assert planned_jobs(tiny_run) == sorted([
+            ("all", ""),
+            ("encoder_weights", "enc=mnv3s"),
+            ("evaluate", "enc=mnv3s, dec=updown, stage=xe"),
+            ("features", "enc=mnv3s"),
+            ("pack", "enc=mnv3s, dec=updown, stage=xe"),
+            ("table", ""),
+            ("train_xe", "enc=mnv3s, dec=updown"),
+        ])
+    finally:
+        write_config(tiny_run, TINY)
+
+
+@pytest.mark.integration
+def test_plans_with_no_data_present(tmp_path):
+    write_config(tmp_path, TINY)
+    r = smk(tmp_path, "-n", "results/table.csv")
+    assert "synthetic_dataset" in r.stdout and "train_xe" in r.stdout
+
+
+@pytest.mark.integration
+def test_bad_config_value_stops_with_one_line(tmp_path):
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["train"]["epochs"] = "many"
+    write_config(tmp_path, cfg)
+    r = smk(tmp_path, "-n", "results/table.csv", check=False)
+    assert r.returncode != 0
+    assert "config error: train.epochs: 'many' is not allowed (allowed: integer >= 1)" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.integration
+def test_lint_is_clean():
+    r = subprocess.run(SNAKEMAKE + ["--lint"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "Congratulations" in r.stdout + r.stderr, r.stdout + r.stderr

@@ -1,0 +1,37 @@
+# Decoders: cross-entropy training on cached features, best epoch by validation CIDEr-D.
+
+
+rule train_xe:
+    message:
+        "Training decoder {wildcards.dec} on encoder {wildcards.enc} features (cross-entropy)"
+    input:
+        features=rules.features.output,
+        labels=rules.prepare_captions.output.labels,
+        vocab=rules.prepare_captions.output.vocab,
+        refs=rules.prepare_captions.output.refs_val,
+        info=rules.prepare_captions.output.info,
+    output:
+        f"{WORK}/decoders/{{enc}}/{{dec}}/xe.safetensors",
+    params:
+        cli=CAPTIONING,
+        arch=lambda wc: decoder_cfg(wc)["arch"],
+        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k != "arch"}),
+        train=as_json({k: v for k, v in config["train"].items() if k != "threads"}),
+        prep=lambda wc, input: os.path.dirname(input.info),
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"logs/train_xe/{DS}-{{enc}}-{{dec}}.log",
+    benchmark:
+        f"logs/benchmarks/train_xe/{DS}-{{enc}}-{{dec}}.tsv"
+    conda:
+        "../envs/captioning.yaml"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    shell:
+        "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"
+        " --decoder-config {params.dec:q} --train-config {params.train:q} --seed {params.seed}"
+        " --threads {threads} --device {params.device} --out {output} --log-json {log}.json > {log} 2>&1"

@@ -1,0 +1,146 @@
+"""Encoder features + prepared captions, held in memory and served as shuffled batches per split.
+
+Inputs (written by earlier stages):
+
+- ``features.h5``: "ids" int64 [N], "fc" float16 [N, C], "att" float16 [N, HW, C], in images.json order;
+- the prepared-captions dir: ``images.json`` [{"id", "file_path", "split"}], ``labels.h5``
+  ("labels" int32 [n_caps, L] 0-padded; "label_start_ix"/"label_end_ix" int64 [N], 0-based,
+  end-exclusive), ``vocab.json`` {"itow": {"1": word, ...}}, ``refs_{val,test}.json`` (COCO format).
+
+The datasets this project trains on are small (thousands of images), so everything is read
+once: features stay float16 in memory and become float32 one batch at a time. As in the
+reference loader, each image contributes ``seq_per_img`` captions to a batch (a random
+contiguous window of its captions, or a draw with replacement when it has fewer), and
+Karpathy's "restval" images count as training images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..io import read_json
+
+TRAIN_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+@dataclass
+class Batch:
+    ids: list[int]           # image ids, B
+    fc: torch.Tensor         # [B, C] float32
+    att: torch.Tensor        # [B, HW, C] float32
+    labels: torch.Tensor     # [B * seq_per_img, L] long, 0-padded; rows i*k .. i*k+k-1 are image i's
+
+
+def _read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    import h5py
+
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise UserError(f"{path}: missing dataset(s) {', '.join(missing)}")
+            return {k: f[k][()] for k in keys}
+    except OSError as e:
+        raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+class CaptionData:
+    """All features and captions of one dataset; ``batches(split, ...)`` yields ``Batch``es."""
+
+    def __init__(self, features_h5: str | Path, prepared_dir: str | Path, seq_per_img: int = 5):
+        features_h5, prepared_dir = Path(features_h5), Path(prepared_dir)
+        self.seq_per_img = int(seq_per_img)
+
+        images = read_json(prepared_dir / "images.json")
+        vocab = read_json(prepared_dir / "vocab.json")
+        try:
+            self.ids = np.array([int(im["id"]) for im in images], dtype=np.int64)
+            self.splits = np.array([str(im["split"]) for im in images])
+            self.itow = {int(k): str(w) for k, w in vocab["itow"].items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{prepared_dir}: malformed images.json or vocab.json ({e!r})") from None
+        self.vocab_size = max(self.itow, default=0)
+
+        feats = _read_h5(features_h5, ("ids", "fc", "att"))
+        if not np.array_equal(feats["ids"].astype(np.int64), self.ids):
+            raise UserError(f"{features_h5}: image ids differ from {prepared_dir / 'images.json'} "
+                            "(features must be extracted from the same prepared dataset, same order)")
+        self.fc = torch.from_numpy(feats["fc"])
+        self.att = torch.from_numpy(feats["att"])
+        if self.fc.ndim != 2 or self.att.ndim != 3 or self.att.shape[2] != self.fc.shape[1]:
+            raise UserError(f"{features_h5}: expected fc [N, C] and att [N, HW, C], "
+                            f"got {tuple(self.fc.shape)} and {tuple(self.att.shape)}")
+        self.feat_dim = int(self.fc.shape[1])
+
+        lab_path = prepared_dir / "labels.h5"
+        lab = _read_h5(lab_path, ("labels", "label_start_ix", "label_end_ix"))
+        self.labels = torch.from_numpy(lab["labels"].astype(np.int64))
+        self.start, self.end = lab["label_start_ix"].astype(np.int64), lab["label_end_ix"].astype(np.int64)
+        if len(self.start) != len(self.ids) or len(self.end) != len(self.ids):
+            raise UserError(f"{lab_path}: {len(self.start)} label ranges for {len(self.ids)} images in images.json")
+        if (self.end < self.start).any() or (self.end > len(self.labels)).any() or (self.start < 0).any():
+            raise UserError(f"{lab_path}: label_start_ix/label_end_ix out of range")
+        if self.labels.numel() and int(self.labels.max()) > self.vocab_size:
+            raise UserError(f"{lab_path}: word index {int(self.labels.max())} not in vocab.json")
+
+    def fingerprint(self) -> str:
+        """A short hash of ids, fc features and captions: tells a resume file made from other data."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for a in (self.ids, self.fc.numpy(), self.labels.numpy(), self.start, self.end):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def index(self, split: str) -> np.ndarray:
+        """Row numbers of a split, in file order."""
+        if split not in TRAIN_SPLITS:
+            raise UserError(f"unknown split {split!r}; known: {', '.join(TRAIN_SPLITS)}")
+        return np.flatnonzero(np.isin(self.splits, TRAIN_SPLITS[split]))
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None, with_labels: bool = True) -> Iterator[Batch]:
+        """One pass over a split. Shuffling and caption choice draw only from ``generator``."""
+        rows = self.index(split)
+        if shuffle:
+            rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        for i in range(0, len(rows), batch_size):
+            r = rows[i:i + batch_size]
+            labels = self._pick_captions(r, generator) if with_labels else torch.zeros(0, 0, dtype=torch.long)
+            yield Batch(ids=self.ids[r].tolist(), fc=self.fc[r].float(), att=self.att[r].float(), labels=labels)
+
+    def num_batches(self, split: str, batch_size: int) -> int:
+        return -(-len(self.index(split)) // batch_size)
+
+    def _pick_captions(self, rows: np.ndarray, generator: torch.Generator | None) -> torch.Tensor:
+        k, out = self.seq_per_img, []
+        for r in rows:
+            a, b = int(self.start[r]), int(self.end[r])
+            n = b - a
+            if n <= 0:
+                raise UserError(f"image {int(self.ids[r])} has no captions in labels.h5")
+            if n >= k:
+                first = a + int(torch.randint(n - k + 1, (1,), generator=generator))
+                out.append(self.labels[first:first + k])
+            else:
+                out.append(self.labels[a + torch.randint(n, (k,), generator=generator)])
+        return torch.cat(out, 0)
+
+    def decode(self, seq: torch.Tensor) -> list[str]:
+        """Token rows -> captions: words up to the first 0."""
+        caps = []
+        for row in seq.tolist():
+            words = []
+            for w in row:
+                if w == 0:
+                    break
+                words.append(self.itow.get(w, "UNK"))
+            caps.append(" ".join(words))
+        return caps

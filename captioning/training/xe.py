@@ -1,0 +1,256 @@
+"""Cross-entropy ("XE") training with teacher forcing, as the reference trains its first stage.
+
+One epoch is: shuffled batches of images with ``seq_per_img`` captions each, Adam, gradients
+clipped by value (0.1, the reference's default mode), then greedy (or beam) decoding of the val
+split scored with CIDEr-D. The best epoch by val CIDEr-D is saved with ``save_decoder``.
+
+Learning rate: ``lr * lr_decay_rate ** (epoch // lr_decay_every)`` (0-based epochs), the
+reference's step decay.
+
+Kill-safety: after every epoch a resume file ``<out_path>.resume.safetensors`` holds the model,
+Adam's state, the epoch, the best score and the history. A new call with the same settings
+continues from it and gives the same weights as an uninterrupted run, because all randomness
+of an epoch (shuffling, caption choice, dropout) is re-seeded from (seed, epoch) rather than
+carried over. ``epochs`` is not part of the settings, so a finished run kept with
+``keep_resume=True`` can also be extended.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..io import load_tensors, read_json, save_tensors, write_json
+from ..models import CaptionDecoder, create_decoder, save_decoder
+from ..models.search import beam_search, greedy
+from ..utils import pick_device, seed_everything, set_threads
+from .loader import CaptionData
+
+RESUME_FORMAT = "captioning.xe-resume/1"
+
+
+# ---- loss ------------------------------------------------------------------------------------
+
+def trim_padding(seq: torch.Tensor) -> torch.Tensor:
+    """Drop the all-zero columns at the end of a 0-padded batch (saves decoder steps)."""
+    n = int((seq > 0).sum(1).max()) if seq.numel() else 0
+    return seq[:, :max(n, 1)]
+
+
+def sequence_loss(logprobs: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per predicted token, end token included, padding excluded.
+
+    ``logprobs`` [R, T+1, V+1] comes from ``CaptionDecoder.forward(fc, att, seq)`` with ``seq`` [R, T].
+    Position t is counted when t == 0 or ``seq[:, t-1]`` is a word, i.e. every word and the first 0.
+    """
+    target = F.pad(seq, (0, 1))                                         # [R, T+1], end token last
+    mask = torch.cat([seq.new_ones(seq.shape[0], 1), seq > 0], 1).to(logprobs.dtype)
+    nll = -logprobs.gather(2, target.unsqueeze(2)).squeeze(2)
+    return (nll * mask).sum() / mask.sum()
+
+
+def lr_at(epoch: int, lr: float, every: int, rate: float) -> float:
+    return lr * rate ** (epoch // every) if every and every > 0 else lr
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def simple_tokenize(text: str) -> str:
+    """Lowercase, delete punctuation, normalise spaces: a Java-free stand-in for the PTB tokenizer."""
+    return " ".join(_PUNCT.sub("", text.lower()).split())
+
+
+def load_refs(refs_json: str | Path) -> dict[int, list[str]]:
+    """COCO-format annotations -> {image_id: [caption, ...]}."""
+    data = read_json(refs_json)
+    refs: dict[int, list[str]] = {}
+    try:
+        for a in data["annotations"]:
+            refs.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{refs_json}: not COCO caption annotations ({e!r})") from None
+    return refs
+
+
+def cider_d(captions: list[dict], refs: dict[int, list[str]], refs_name: str = "references") -> float:
+    """Corpus CIDEr-D (pycocoevalcap's Cider: clipped, length-penalised) of [{"image_id", "caption"}]."""
+    from pycocoevalcap.cider.cider import Cider
+
+    if not captions:
+        return 0.0
+    missing = [c["image_id"] for c in captions if c["image_id"] not in refs]
+    if missing:
+        raise UserError(f"{refs_name}: no reference captions for image id {missing[0]} "
+                        f"({len(missing)} of {len(captions)} missing)")
+    res = {c["image_id"]: [simple_tokenize(c["caption"])] for c in captions}
+    gts = {i: [simple_tokenize(r) for r in refs[i]] for i in res}
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
+
+
+@torch.no_grad()
+def generate_captions(decoder: CaptionDecoder, data: CaptionData, split: str, beam_size: int = 1,
+                      max_len: int = 16, batch_size: int = 50, device: str = "cpu",
+                      progress: bool = True) -> list[dict]:
+    """Caption every image of a split: [{"image_id", "caption"}] in file order."""
+    was_training = decoder.training
+    decoder.eval()
+    out = []
+    batches = data.batches(split, batch_size, with_labels=False)
+    for b in tqdm(batches, total=data.num_batches(split, batch_size), desc=f"decode {split}",
+                  file=sys.stderr, disable=not progress, leave=False):
+        fc, att = b.fc.to(device), b.att.to(device)
+        seq = greedy(decoder, fc, att, max_len) if beam_size <= 1 else beam_search(decoder, fc, att, beam_size, max_len)
+        out += [{"image_id": i, "caption": c} for i, c in zip(b.ids, data.decode(seq.cpu()))]
+    decoder.train(was_training)
+    return out
+
+
+# ---- resume file: model + Adam state as tensors, everything else as JSON metadata -------------
+
+def _save_resume(path: Path, decoder, optimizer, meta: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+    scalars: dict[str, dict] = {}
+    for i, st in optimizer.state_dict()["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{i}.{k}"] = v
+            else:
+                scalars.setdefault(str(i), {})[k] = v
+    save_tensors(path, tensors, {**meta, "format": RESUME_FORMAT, "optim_scalars": scalars})
+
+
+def _load_resume(path: Path, decoder, optimizer) -> dict:
+    tensors, meta = load_tensors(path)
+    decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    for i, st in meta.get("optim_scalars", {}).items():
+        state.setdefault(int(i), {}).update(st)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return meta
+
+
+def _read_resume_meta(path: Path) -> dict | None:
+    try:
+        return load_tensors(path)[1] if path.is_file() else None
+    except UserError:
+        return None  # a damaged resume file is ignored, training starts over
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg: dict | None = None,
+             epochs: int = 5, batch_size: int = 50, lr: float = 5e-4, lr_decay_every: int = 3,
+             lr_decay_rate: float = 0.8, grad_clip: float = 0.1, seq_per_img: int = 5, beam_size: int = 1,
+             max_len: int = 16, seed: int = 0, device: str = "auto", threads: int | None = None,
+             log_json=None, keep_resume: bool = False, progress: bool = True) -> dict:
+    """Train a decoder with cross-entropy; keep the best val CIDEr-D epoch at ``out_path``.
+
+    Returns (and writes to ``log_json`` after every epoch) {"settings", "history", "best_epoch",
+    "best_val_cider", "out_path"}; history rows are {"epoch" (1-based), "lr", "loss", "val_cider",
+    "seconds"}. ``grad_clip`` <= 0 disables clipping.
+    """
+    set_threads(threads)
+    device = pick_device(device)
+    out_path, prepared_dir = Path(out_path), Path(prepared_dir)
+    resume_path = Path(str(out_path) + ".resume.safetensors")
+    decoder_cfg = dict(decoder_cfg or {})
+    clash = sorted({"name", "vocab_size", "feat_dim"} & set(decoder_cfg))
+    if clash:
+        raise UserError(f"decoder config: {', '.join(clash)} come from the data and the decoder name; remove them")
+
+    data = CaptionData(features_h5, prepared_dir, seq_per_img)
+    if len(data.index("train")) == 0 or len(data.index("val")) == 0:
+        raise UserError(f"{prepared_dir / 'images.json'}: needs images in both the train and val splits")
+    refs_val = load_refs(prepared_dir / "refs_val.json")
+
+    seed_everything(seed)
+    decoder = create_decoder(decoder_name, data.vocab_size, data.feat_dim, **decoder_cfg).to(device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+    settings = {
+        "decoder": decoder.config, "batch_size": batch_size, "lr": lr, "lr_decay_every": lr_decay_every,
+        "lr_decay_rate": lr_decay_rate, "grad_clip": grad_clip, "grad_clip_mode": "value",
+        "seq_per_img": seq_per_img, "beam_size": beam_size, "max_len": max_len, "seed": seed,
+        "data": data.fingerprint(),
+    }
+
+    start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
+    meta = _read_resume_meta(resume_path)
+    if meta is not None:
+        if meta.get("format") != RESUME_FORMAT or meta.get("settings") != settings:
+            print(f"xe: ignoring {resume_path} (made with other settings); starting over", file=sys.stderr)
+        elif not out_path.is_file():
+            print(f"xe: ignoring {resume_path} ({out_path} is gone); starting over", file=sys.stderr)
+        else:
+            meta = _load_resume(resume_path, decoder, optimizer)
+            start, history = int(meta["epoch"]), list(meta["history"])
+            best_cider, best_epoch = float(meta["best_val_cider"]), int(meta["best_epoch"])
+            print(f"xe: resuming {out_path} after epoch {start}", file=sys.stderr)
+
+    def report() -> dict:
+        return {"settings": settings, "history": history, "best_epoch": best_epoch,
+                "best_val_cider": best_cider if best_epoch else None, "out_path": str(out_path)}
+
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        epoch_seed = seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)                        # dropout
+        gen = torch.Generator().manual_seed(epoch_seed + 1)  # shuffling and caption choice
+        cur_lr = lr_at(epoch, lr, lr_decay_every, lr_decay_rate)
+        for g in optimizer.param_groups:
+            g["lr"] = cur_lr
+
+        decoder.train()
+        total, n = 0.0, 0
+        bar = tqdm(data.batches("train", batch_size, shuffle=True, generator=gen),
+                   total=data.num_batches("train", batch_size), desc=f"xe epoch {epoch + 1}/{epochs}",
+                   file=sys.stderr, disable=not progress, leave=False)
+        for b in bar:
+            seq = trim_padding(b.labels).to(device)
+            loss = sequence_loss(decoder(b.fc.to(device), b.att.to(device), seq), seq)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_value_(decoder.parameters(), grad_clip)
+            optimizer.step()
+            total, n = total + loss.item(), n + 1
+            bar.set_postfix(loss=f"{total / n:.3f}")
+
+        caps = generate_captions(decoder, data, "val", beam_size, max_len, batch_size, device, progress)
+        val_cider = cider_d(caps, refs_val, str(prepared_dir / "refs_val.json"))
+        history.append({"epoch": epoch + 1, "lr": cur_lr, "loss": total / max(n, 1), "val_cider": val_cider,
+                        "seconds": round(time.time() - t0, 3)})
+        print(f"xe epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  val CIDEr-D {val_cider:.4f}  "
+              f"({time.time() - t0:.1f} s)", file=sys.stderr)
+
+        if val_cider > best_cider:
+            best_cider, best_epoch = val_cider, epoch + 1
+            save_decoder(decoder, out_path, {
+                "stage": "xe", "vocab_size": data.vocab_size, "feat_dim": data.feat_dim, "epoch": epoch + 1,
+                "val_cider": val_cider, "itow": {str(k): w for k, w in sorted(data.itow.items())},
+            })
+        _save_resume(resume_path, decoder, optimizer, {
+            "settings": settings, "epoch": epoch + 1, "history": history,
+            "best_val_cider": best_cider, "best_epoch": best_epoch,
+        })
+        if log_json:
+            write_json(log_json, report())
+
+    if log_json:
+        write_json(log_json, report())
+    if not keep_resume and resume_path.exists():
+        resume_path.unlink()
+    return report()

@@ -4,10 +4,14 @@
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/compress.smk"
 include: "workflow/rules/package.smk"
 include: "workflow/rules/evaluate.smk"
 

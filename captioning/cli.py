@@ -79,17 +79,31 @@ def cmd_train(a):
              device=a.device, log_json=a.log_json, **a.train_config)
 
 
+def cmd_prune(a):
+    from .compress.prune import finetune_pruned
+    from .utils import set_threads
+
+    set_threads(a.threads)
+    finetune_pruned(a.decoder, a.features, a.prepared, a.out, a.method, a.ratio, seed=a.seed,
+                    device=a.device, log_json=a.log_json, **a.finetune)
+
+
 def cmd_pack(a):
     from .captioner import pack_model
+    from .compress.prune import measured_sparsity
+    from .compress.quantize import storage_floor_bytes
     from .data.prepare import load_vocab
     from .encoders import load_encoder
     from .io import read_json
     from .models import load_decoder
 
+    encoder, decoder = load_encoder(a.encoder), load_decoder(a.decoder)
+    groups = {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
+    storage = {**measured_sparsity(decoder), "floor_bytes": storage_floor_bytes(groups, a.quantization)}
     vocab = read_json(f"{a.prepared}/vocab.json")
-    size = pack_model(a.out, load_encoder(a.encoder), load_decoder(a.decoder), load_vocab(a.prepared),
-                      max_len=vocab.get("max_length", 16), extra={"variant": a.meta})
-    print(f"{a.out}: {size / 1e6:.2f} MB")
+    size = pack_model(a.out, encoder, decoder, load_vocab(a.prepared), max_len=vocab.get("max_length", 16),
+                      extra={"variant": a.meta, "storage": storage}, quantization=a.quantization)
+    print(f"{a.out}: {size / 1e6:.2f} MB (floor {storage['floor_bytes'] / 1e6:.2f} MB)")
 
 
 SPICE = {"auto": "auto", "on": True, "off": False}
@@ -181,10 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--log-json")
 
+    s = verb("prune", cmd_prune, "prune a decoder to a ratio of zero weights, then fine-tune with the mask fixed")
+    s.add_argument("--decoder", required=True, help="the trained decoder checkpoint to prune")
+    s.add_argument("--features", required=True)
+    s.add_argument("--prepared", required=True)
+    s.add_argument("--method", default="global", choices=["global", "layerwise", "gradual"])
+    s.add_argument("--ratio", type=float, required=True, help="fraction of the decoder's weights set to zero")
+    s.add_argument("--finetune", type=_json_arg, default={}, help="fine-tuning settings as JSON")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+    s.add_argument("--log-json")
+
     s = verb("pack", cmd_pack, "pack encoder + decoder + vocabulary into one .capz artifact")
     s.add_argument("--encoder", required=True)
     s.add_argument("--decoder", required=True)
     s.add_argument("--prepared", required=True)
+    s.add_argument("--quantization", default="fp32", choices=["fp32", "fp16", "int8"])
     s.add_argument("--meta", type=_json_arg, default={}, help="what this variant is, as JSON")
     s.add_argument("--out", required=True)
 

@@ -53,3 +53,19 @@ def test_write_results_files(tmp_path):
     md = (tmp_path / "out" / "table.md").read_text()
     assert md.count("\n") == 6 and "small-ud-xe" in md
     assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## ud" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_summary_picks_largest_reduction_within_budget(tmp_path):
+    from captioning.results.summary import best_within, summary_markdown
+
+    rows = ROWS + [{"variant": "small-ud-p9", "encoder": "small", "decoder": "ud", "size_mb": 2.0,
+                    "CIDEr": 0.985, "latency_ms": 1.0},
+                   {"variant": "small-ud-p95", "encoder": "small", "decoder": "ud", "size_mb": 1.0,
+                    "CIDEr": 0.95, "latency_ms": 1.0}]
+    df = build_table(_metrics(tmp_path, rows), ["big-ud-xe", "big-tf-xe"])
+    ud = df[df["decoder"] == "ud"]
+    assert best_within(ud, 2.0)["variant"] == "small-ud-p9"     # -1.5%: within 2%, not within 1%
+    assert best_within(ud, 1.0)["variant"] == "big-ud-xe"
+    text = summary_markdown(df)
+    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% |" in text

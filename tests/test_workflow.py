@@ -31,6 +31,9 @@ TINY = {
     "baseline_encoder": "r50",
     "decoders": {"updown": {"arch": "updown", "input_encoding_size": 32, "rnn_size": 32, "att_hid_size": 16}},
     "train": {"epochs": 1, "batch_size": 10, "threads": 1},
+    "compress": {"encoders": ["lite0"], "quantization": ["fp32", "fp16", "int8"],
+                 "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
+                           "compare_methods": ["gradual"], "finetune": {"epochs": 2, "batch_size": 10}}},
     "evaluate": {"beam_size": 2, "latency_images": 3},
 }
 
@@ -65,8 +68,22 @@ def tiny_run(tmp_path_factory):
 def test_table_has_every_variant_and_column(tiny_run):
     df = pd.read_csv(tiny_run / "results/table.csv")
     assert list(df.columns) == COLUMNS
-    assert sorted(df["variant"]) == ["lite0-updown-xe", "mnv3s-updown-xe", "r50-updown-xe"]
-    rows = df.set_index("encoder")
+    assert sorted(df["variant"]) == sorted(
+        ["r50-updown-xe-fp32", "mnv3s-updown-xe-fp32"]
+        + [f"lite0-updown-{s}-{q}" for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")])
+    # The pruned variants reached the ratio asked for, measured from the weights.
+    pruned = df[df["prune_ratio"] > 0]
+    assert len(pruned) == 6 and set(pruned["prune_method"]) == {"global", "gradual"}
+    assert ((pruned["sparsity"] - 0.5).abs() <= 0.005).all()
+    # Artifact sizes fall with sparsity and with quantization.
+    size = df.set_index("variant")["size_mb"]
+    for s in ("xe", "xe_global0.5"):
+        assert size[f"lite0-updown-{s}-fp32"] > size[f"lite0-updown-{s}-fp16"] > size[f"lite0-updown-{s}-int8"]
+    for q in ("fp32", "fp16", "int8"):
+        assert size[f"lite0-updown-xe-{q}"] > size[f"lite0-updown-xe_global0.5-{q}"]
+    assert (df["floor_mb"] > 0).all()
+    assert "## updown" in (tiny_run / "results/summary.md").read_text()
+    rows = df[df["stage"].isin(["baseline", "encoder"])].set_index("encoder")
     assert rows.loc["r50", "stage"] == "baseline" and rows.loc["r50", "size_reduction_pct"] == 0
     assert (rows.loc[["mnv3s", "lite0"], "stage"] == "encoder").all()
     # The small encoders really are smaller on disk than resnet50.
@@ -81,7 +98,7 @@ def test_table_has_every_variant_and_column(tiny_run):
 @pytest.mark.integration
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
     for rule in ["synthetic_dataset", "prepare_captions", "encoder_weights", "features", "train_xe",
-                 "pack", "evaluate", "table"]:
+                 "prune_finetune", "pack", "evaluate", "table"]:
         assert list((tiny_run / "logs" / rule).glob("*.log")), rule
         assert list((tiny_run / "logs/benchmarks" / rule).glob("*.tsv")), rule
 
@@ -103,8 +120,8 @@ def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
             "Making the weights of encoder mnv3s",
             "Extracting features of tiny with encoder mnv3s",
             "Training decoder updown on encoder mnv3s features (cross-entropy)",
-            "Packing variant mnv3s-updown-xe",
-            "Evaluating variant mnv3s-updown-xe",
+            "Packing variant mnv3s-updown-xe-fp32",
+            "Evaluating variant mnv3s-updown-xe-fp32",
             "Writing the results table of tiny",
         ])
     finally:

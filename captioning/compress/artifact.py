@@ -122,3 +122,6 @@ def read(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
         t = ENCODINGS[e["encoding"]][1](e["params"], chunks, tuple(e["shape"]), e["dtype"])
         groups.setdefault(e["group"], {})[e["name"]] = t
     return header["config"], groups
+
+
+from . import encodings  # noqa: E402,F401  registers the fp16, int8 and sparse encodings

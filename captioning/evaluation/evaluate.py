@@ -50,8 +50,12 @@ def evaluate(model, prepared, out_dir, split="test", beam_size=3, batch_size=16,
     from .latency import measure_latency
 
     latency = measure_latency(cap, paths[:latency_images], beam_size, threads)
+    storage = cap.config.get("storage", {})
+    floor = storage.get("floor_bytes")
     metrics = {**(meta or {}), **scores, "params": params, "nonzero_params": nonzero,
+               "sparsity": storage.get("sparsity"), "sparsity_all": storage.get("sparsity_all"),
                "size_bytes": os.path.getsize(model), "size_mb": os.path.getsize(model) / 1e6,
+               "floor_mb": floor / 1e6 if floor is not None else None,
                "latency_ms": latency, "beam_size": beam_size, "threads": threads,
                "n_images": len(results)}
     write_json(out_dir / "metrics.json", metrics)

@@ -8,9 +8,9 @@ import pandas as pd
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_text
 
-ID_COLS = ["variant", "dataset", "encoder", "decoder", "stage", "prune_method", "prune_ratio",
+ID_COLS = ["variant", "dataset", "encoder", "decoder", "stage", "training", "prune_method", "prune_ratio",
            "sparsity", "quantization"]
-SIZE_COLS = ["params", "nonzero_params", "size_mb", "size_reduction_pct"]
+SIZE_COLS = ["params", "nonzero_params", "size_mb", "floor_mb", "size_reduction_pct"]
 QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
                 "cider_change_pct"]
 COLUMNS = ID_COLS + SIZE_COLS + QUALITY_COLS + ["latency_ms"]
@@ -99,4 +99,7 @@ def write_results(metric_files, baselines: list[str], out_dir) -> pd.DataFrame:
         df.to_csv(tmp, index=False, float_format="%.6g")
     write_text(out_dir / "table.md", to_markdown(df))
     plot_pareto(df, out_dir / "pareto.png")
+    from .summary import write_summary
+
+    write_summary(df, out_dir / "summary.md")
     return df

@@ -13,9 +13,16 @@ continues from it and gives the same weights as an uninterrupted run, because al
 of an epoch (shuffling, caption choice, dropout) is re-seeded from (seed, epoch) rather than
 carried over. ``epochs`` is not part of the settings, so a finished run kept with
 ``keep_resume=True`` can also be extended.
+
+Fine-tuning (e.g. after pruning) is the same loop: ``init_from`` starts from a saved decoder,
+rebuilt from the checkpoint's own config (a ``decoder_name``/``decoder_cfg`` that contradicts it
+is a UserError rather than silently ignored), and a ``captioning.compress.prune.Pruner`` keeps
+pruned weights at zero. With a pruner, only epochs at the final sparsity may become the kept
+checkpoint, whose metadata records the sparsity measured from its weights.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 import time
@@ -25,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..compress.prune import Pruner, measured_sparsity
 from ..errors import UserError
 from ..io import load_tensors, read_json, save_tensors, write_json
-from ..models import CaptionDecoder, create_decoder, save_decoder
+from ..models import CaptionDecoder, create_decoder, load_decoder, read_decoder_meta, save_decoder
 from ..models.search import beam_search, greedy
 from ..utils import pick_device, seed_everything, set_threads
 from .loader import CaptionData
@@ -117,8 +125,10 @@ def generate_captions(decoder: CaptionDecoder, data: CaptionData, split: str, be
 
 # ---- resume file: model + Adam state as tensors, everything else as JSON metadata -------------
 
-def _save_resume(path: Path, decoder, optimizer, meta: dict) -> None:
+def _save_resume(path: Path, decoder, optimizer, meta: dict, pruner: Pruner | None = None) -> None:
     tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+    if pruner is not None:
+        tensors.update({f"pruner.{k}": v for k, v in pruner.state_tensors().items()})
     scalars: dict[str, dict] = {}
     for i, st in optimizer.state_dict()["state"].items():
         for k, v in st.items():
@@ -129,9 +139,11 @@ def _save_resume(path: Path, decoder, optimizer, meta: dict) -> None:
     save_tensors(path, tensors, {**meta, "format": RESUME_FORMAT, "optim_scalars": scalars})
 
 
-def _load_resume(path: Path, decoder, optimizer) -> dict:
+def _load_resume(path: Path, decoder, optimizer, pruner: Pruner | None = None) -> dict:
     tensors, meta = load_tensors(path)
     decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if pruner is not None:
+        pruner.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("pruner.")}, decoder)
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
@@ -150,18 +162,54 @@ def _read_resume_meta(path: Path) -> dict | None:
         return None  # a damaged resume file is ignored, training starts over
 
 
+# ---- starting from a saved decoder -------------------------------------------------------------
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _decoder_from_checkpoint(path, decoder_name: str | None, decoder_cfg: dict, data: CaptionData, device: str):
+    """Rebuild a saved decoder; refuse one that contradicts the asked name/settings or the data."""
+    path = Path(path)
+    meta = read_decoder_meta(path)
+    decoder = load_decoder(path, device)
+    cfg = decoder.config
+    if decoder_name and decoder_name != cfg["name"]:
+        raise UserError(f"{path}: holds a {cfg['name']!r} decoder, not {decoder_name!r}")
+    for k, v in decoder_cfg.items():
+        if cfg.get(k) != v:
+            raise UserError(f"{path}: decoder setting {k} is {cfg.get(k)!r} in the checkpoint, {v!r} was asked")
+    for k, v in (("vocab_size", data.vocab_size), ("feat_dim", data.feat_dim)):
+        if cfg.get(k) != v:
+            raise UserError(f"{path}: decoder has {k} {cfg.get(k)}, the training data {v}")
+    itow = {str(k): w for k, w in sorted(data.itow.items())}
+    if "itow" in meta and meta["itow"] != itow:
+        raise UserError(f"{path}: its vocabulary differs from the prepared dataset's vocab.json")
+    return decoder
+
+
 # ---- training ----------------------------------------------------------------------------------
 
 def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg: dict | None = None,
              epochs: int = 5, batch_size: int = 50, lr: float = 5e-4, lr_decay_every: int = 3,
              lr_decay_rate: float = 0.8, grad_clip: float = 0.1, seq_per_img: int = 5, beam_size: int = 1,
              max_len: int = 16, seed: int = 0, device: str = "auto", threads: int | None = None,
-             log_json=None, keep_resume: bool = False, progress: bool = True) -> dict:
+             log_json=None, keep_resume: bool = False, progress: bool = True,
+             init_from: str | Path | None = None, pruner: Pruner | None = None, stage: str = "xe") -> dict:
     """Train a decoder with cross-entropy; keep the best val CIDEr-D epoch at ``out_path``.
 
     Returns (and writes to ``log_json`` after every epoch) {"settings", "history", "best_epoch",
     "best_val_cider", "out_path"}; history rows are {"epoch" (1-based), "lr", "loss", "val_cider",
-    "seconds"}. ``grad_clip`` <= 0 disables clipping.
+    "seconds"}, plus "sparsity" with a pruner. ``grad_clip`` <= 0 disables clipping.
+
+    ``init_from``: a decoder file to start from; its config is used, and ``decoder_name`` may be
+    None. ``pruner``: masks applied throughout; best-epoch choice only among its target epochs.
+    ``stage`` is written into the checkpoint's metadata. The settings (for resume matching) name
+    the init file by its sha256, the pruner by ``describe()``.
     """
     set_threads(threads)
     device = pick_device(device)
@@ -178,7 +226,12 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
     refs_val = load_refs(prepared_dir / "refs_val.json")
 
     seed_everything(seed)
-    decoder = create_decoder(decoder_name, data.vocab_size, data.feat_dim, **decoder_cfg).to(device)
+    if init_from is not None:
+        decoder = _decoder_from_checkpoint(init_from, decoder_name, decoder_cfg, data, device)
+    elif not decoder_name:
+        raise UserError("no decoder name given, and no checkpoint to start from (init_from)")
+    else:
+        decoder = create_decoder(decoder_name, data.vocab_size, data.feat_dim, **decoder_cfg).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
     settings = {
         "decoder": decoder.config, "batch_size": batch_size, "lr": lr, "lr_decay_every": lr_decay_every,
@@ -186,16 +239,23 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
         "seq_per_img": seq_per_img, "beam_size": beam_size, "max_len": max_len, "seed": seed,
         "data": data.fingerprint(),
     }
+    # only when used, so plain XE resume files keep matching
+    if stage != "xe":
+        settings["stage"] = stage
+    if init_from is not None:
+        settings["init_from"] = {"sha256": file_sha256(init_from), "bytes": Path(init_from).stat().st_size}
+    if pruner is not None:
+        settings["pruner"] = pruner.describe()
 
     start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
     meta = _read_resume_meta(resume_path)
     if meta is not None:
         if meta.get("format") != RESUME_FORMAT or meta.get("settings") != settings:
             print(f"xe: ignoring {resume_path} (made with other settings); starting over", file=sys.stderr)
-        elif not out_path.is_file():
+        elif meta.get("best_epoch") and not out_path.is_file():
             print(f"xe: ignoring {resume_path} ({out_path} is gone); starting over", file=sys.stderr)
         else:
-            meta = _load_resume(resume_path, decoder, optimizer)
+            meta = _load_resume(resume_path, decoder, optimizer, pruner)
             start, history = int(meta["epoch"]), list(meta["history"])
             best_cider, best_epoch = float(meta["best_val_cider"]), int(meta["best_epoch"])
             print(f"xe: resuming {out_path} after epoch {start}", file=sys.stderr)
@@ -212,40 +272,57 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
         cur_lr = lr_at(epoch, lr, lr_decay_every, lr_decay_rate)
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
+        if pruner is not None:
+            pruner.on_epoch_start(decoder, epoch)
 
         decoder.train()
         total, n = 0.0, 0
         bar = tqdm(data.batches("train", batch_size, shuffle=True, generator=gen),
-                   total=data.num_batches("train", batch_size), desc=f"xe epoch {epoch + 1}/{epochs}",
+                   total=data.num_batches("train", batch_size), desc=f"{stage} epoch {epoch + 1}/{epochs}",
                    file=sys.stderr, disable=not progress, leave=False)
         for b in bar:
             seq = trim_padding(b.labels).to(device)
             loss = sequence_loss(decoder(b.fc.to(device), b.att.to(device), seq), seq)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if pruner is not None:
+                pruner.before_step(decoder)
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_value_(decoder.parameters(), grad_clip)
             optimizer.step()
+            if pruner is not None:
+                pruner.after_step(decoder)
             total, n = total + loss.item(), n + 1
             bar.set_postfix(loss=f"{total / n:.3f}")
 
         caps = generate_captions(decoder, data, "val", beam_size, max_len, batch_size, device, progress)
         val_cider = cider_d(caps, refs_val, str(prepared_dir / "refs_val.json"))
-        history.append({"epoch": epoch + 1, "lr": cur_lr, "loss": total / max(n, 1), "val_cider": val_cider,
-                        "seconds": round(time.time() - t0, 3)})
-        print(f"xe epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  val CIDEr-D {val_cider:.4f}  "
-              f"({time.time() - t0:.1f} s)", file=sys.stderr)
+        row = {"epoch": epoch + 1, "lr": cur_lr, "loss": total / max(n, 1), "val_cider": val_cider,
+               "seconds": round(time.time() - t0, 3)}
+        sparsity = measured_sparsity(decoder) if pruner is not None else None
+        if sparsity is not None:
+            row["sparsity"] = sparsity["sparsity"]
+        history.append(row)
+        print(f"{stage} epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}  val CIDEr-D {val_cider:.4f}  "
+              + (f"sparsity {sparsity['sparsity']:.4f}  " if sparsity else "")
+              + f"({time.time() - t0:.1f} s)", file=sys.stderr)
 
-        if val_cider > best_cider:
+        eligible = pruner is None or pruner.at_target(epoch)
+        if eligible and val_cider > best_cider:
             best_cider, best_epoch = val_cider, epoch + 1
-            save_decoder(decoder, out_path, {
-                "stage": "xe", "vocab_size": data.vocab_size, "feat_dim": data.feat_dim, "epoch": epoch + 1,
+            extra = {
+                "stage": stage, "vocab_size": data.vocab_size, "feat_dim": data.feat_dim, "epoch": epoch + 1,
                 "val_cider": val_cider, "itow": {str(k): w for k, w in sorted(data.itow.items())},
-            })
+            }
+            if init_from is not None:
+                extra["init_from"] = {"path": str(init_from), **settings["init_from"]}
+            if pruner is not None:
+                extra.update(sparsity, prune_method=pruner.method, prune_ratio=pruner.ratio)
+            save_decoder(decoder, out_path, extra)
         _save_resume(resume_path, decoder, optimizer, {
             "settings": settings, "epoch": epoch + 1, "history": history,
             "best_val_cider": best_cider, "best_epoch": best_epoch,
-        })
+        }, pruner)
         if log_json:
             write_json(log_json, report())
 

@@ -25,7 +25,11 @@ CAPTIONING = f"{sys.executable} -m captioning"
 wildcard_constraints:
     enc="[A-Za-z0-9_]+",
     dec="[A-Za-z0-9_]+",
-    stage="[A-Za-z0-9_.]+",
+    dstage="[A-Za-z0-9_.]+",
+    train="xe|scst",
+    method="global|layerwise|gradual",
+    ratio="0\\.[0-9]+",
+    quant="fp32|fp16|int8",
 
 
 def as_json(obj):
@@ -41,32 +45,68 @@ def decoder_cfg(wc):
     return config["decoders"][wc.dec]
 
 
-def variant_name(enc, dec, stage):
-    return f"{enc}-{dec}-{stage}"
+# A variant is {enc}-{dec}-{dstage}-{quant}: dstage names how the decoder was trained and
+# pruned (xe, or xe_global0.9: pruned to 90% by global magnitude, then fine-tuned).
+def dstage_name(train, method=None, ratio=None):
+    return train if method is None else f"{train}_{method}{ratio:g}"
+
+
+def parse_dstage(dstage):
+    train, _, prune = dstage.partition("_")
+    if not prune:
+        return train, None, 0.0
+    method = prune.rstrip("0123456789.")
+    return train, method, float(prune[len(method):])
+
+
+def variant_name(enc, dec, dstage, quant):
+    return f"{enc}-{dec}-{dstage}-{quant}"
 
 
 def variant_meta(wc):
     """What a variant is, recorded in its artifact and metrics: the table's identity columns."""
+    train, method, ratio = parse_dstage(wc.dstage)
+    if method:
+        stage = "prune"
+    elif wc.quant != "fp32":
+        stage = "quantize"
+    elif train != "xe":
+        stage = train
+    else:
+        stage = "baseline" if wc.enc == config["baseline_encoder"] else "encoder"
     return {
-        "variant": variant_name(wc.enc, wc.dec, wc.stage),
+        "variant": variant_name(wc.enc, wc.dec, wc.dstage, wc.quant),
         "dataset": DS,
         "encoder": wc.enc,
         "decoder": wc.dec,
-        "stage": "baseline" if wc.enc == config["baseline_encoder"] else "encoder",
-        "prune_method": None,
-        "prune_ratio": 0.0,
-        "sparsity": None,
-        "quantization": "fp32",
+        "stage": stage,
+        "training": train,
+        "prune_method": method,
+        "prune_ratio": ratio,
+        "quantization": wc.quant,
     }
 
 
 def all_variants():
-    """(encoder, decoder, stage) of every variant the table holds: baseline + encoder replacement."""
-    return [(e, d, "xe") for d in config["decoders"] for e in config["encoders"]]
+    """(enc, dec, dstage, quant) of every table row: baseline and encoder replacement for every
+    encoder, then for the compress.encoders every quantization of the dense and pruned decoders."""
+    c = config["compress"]
+    p = c["prune"]
+    out = [(e, d, "xe", "fp32") for d in config["decoders"] for e in config["encoders"]]
+    stages = ["xe"] + [dstage_name("xe", p["method"], r) for r in p["ratios"]]
+    stages += [dstage_name("xe", m, p["compare_ratio"]) for m in p["compare_methods"]]
+    for e in c["encoders"]:
+        for d in config["decoders"]:
+            out += [(e, d, s, q) for s in dict.fromkeys(stages) for q in c["quantization"]]
+    return list(dict.fromkeys(out))
 
 
 def all_metrics():
     return [f"results/eval/{DS}/{variant_name(*v)}/metrics.json" for v in all_variants()]
+
+
+def baseline_variants():
+    return [variant_name(config["baseline_encoder"], d, "xe", "fp32") for d in config["decoders"]]
 
 
 def dataset_json():

@@ -3,15 +3,15 @@
 
 rule evaluate:
     message:
-        "Evaluating variant {wildcards.enc}-{wildcards.dec}-{wildcards.stage}"
+        "Evaluating variant {wildcards.enc}-{wildcards.dec}-{wildcards.dstage}-{wildcards.quant}"
     input:
         model=rules.pack.output,
         refs=rules.prepare_captions.output.refs_test,
         images=rules.prepare_captions.output.images,
         info=rules.prepare_captions.output.info,
     output:
-        metrics=f"results/eval/{DS}/{{enc}}-{{dec}}-{{stage}}/metrics.json",
-        captions=f"results/eval/{DS}/{{enc}}-{{dec}}-{{stage}}/captions.json",
+        metrics=f"results/eval/{DS}/{{enc}}-{{dec}}-{{dstage}}-{{quant}}/metrics.json",
+        captions=f"results/eval/{DS}/{{enc}}-{{dec}}-{{dstage}}-{{quant}}/captions.json",
     params:
         cli=CAPTIONING,
         e=config["evaluate"],
@@ -20,9 +20,9 @@ rule evaluate:
         out=lambda wc, output: os.path.dirname(output.metrics),
         device=config["device"],
     log:
-        f"logs/evaluate/{DS}-{{enc}}-{{dec}}-{{stage}}.log",
+        f"logs/evaluate/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",
     benchmark:
-        f"logs/benchmarks/evaluate/{DS}-{{enc}}-{{dec}}-{{stage}}.tsv"
+        f"logs/benchmarks/evaluate/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.tsv"
     # All cores, so no other job disturbs the latency timing (which itself uses evaluate.threads).
     conda:
         "../envs/captioning.yaml"
@@ -43,12 +43,13 @@ rule table:
     input:
         all_metrics(),
     output:
-        csv="results/table.csv",
+        csv=report("results/table.csv", caption="../report/table.rst", category="Results"),
         md="results/table.md",
-        pareto="results/pareto.png",
+        pareto=report("results/pareto.png", caption="../report/pareto.rst", category="Results"),
+        summary=report("results/summary.md", caption="../report/summary.rst", category="Results"),
     params:
         cli=CAPTIONING,
-        baseline=lambda wc: [variant_name(config["baseline_encoder"], d, "xe") for d in config["decoders"]],
+        baseline=baseline_variants(),
     log:
         "logs/table/table.log",
     benchmark:

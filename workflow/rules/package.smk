@@ -4,22 +4,22 @@
 
 rule pack:
     message:
-        "Packing variant {wildcards.enc}-{wildcards.dec}-{wildcards.stage}"
+        "Packing variant {wildcards.enc}-{wildcards.dec}-{wildcards.dstage}-{wildcards.quant}"
     input:
         encoder=rules.encoder_weights.output,
-        decoder=f"{WORK}/decoders/{{enc}}/{{dec}}/{{stage}}.safetensors",
+        decoder=f"{WORK}/decoders/{{enc}}/{{dec}}/{{dstage}}.safetensors",
         vocab=rules.prepare_captions.output.vocab,
         info=rules.prepare_captions.output.info,
     output:
-        f"{WORK}/artifacts/{{enc}}-{{dec}}-{{stage}}.capz",
+        f"{WORK}/artifacts/{{enc}}-{{dec}}-{{dstage}}-{{quant}}.capz",
     params:
         cli=CAPTIONING,
         meta=lambda wc: as_json(variant_meta(wc)),
         prep=lambda wc, input: os.path.dirname(input.info),
     log:
-        f"logs/pack/{DS}-{{enc}}-{{dec}}-{{stage}}.log",
+        f"logs/pack/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",
     benchmark:
-        f"logs/benchmarks/pack/{DS}-{{enc}}-{{dec}}-{{stage}}.tsv"
+        f"logs/benchmarks/pack/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.tsv"
     conda:
         "../envs/captioning.yaml"
     threads: 1
@@ -28,4 +28,4 @@ rule pack:
         runtime=20,
     shell:
         "{params.cli} pack --encoder {input.encoder} --decoder {input.decoder} --prepared {params.prep}"
-        " --meta {params.meta:q} --out {output} > {log} 2>&1"
+        " --quantization {wildcards.quant} --meta {params.meta:q} --out {output} > {log} 2>&1"

@@ -1,0 +1,125 @@
+"""Compact tensor encodings for the .capz artifact: fp16, per-row int8, and sparse (bitmask) forms.
+
+Pruning masks alone do not shrink a file, and torch's COO/CSR formats are larger than dense,
+so a pruned tensor is stored as a bitmask of its nonzeros (1 bit per element, ``np.packbits``)
+plus only the nonzero values. Those values are in turn stored as fp32, fp16 or int8, which
+gives the six encodings below. Each one decodes to a float32 tensor of the original shape.
+
+int8 is symmetric per row: row = dim 0 (a Linear's output unit, a conv's output channel),
+the rest flattened; a 1-D tensor is one row. ``scale = max|row| / 127`` (at least float32
+eps, so an all-zero row decodes to zeros, never NaN) and ``q = round(x / scale)`` in
+[-127, 127]. This is exactly the grid torch's symmetric per-channel observer picks with
+``quant_min=-127`` (see ``quantize.apply_runtime``), so re-quantizing a decoded weight for
+int8 compute gives back the same integers and the stored and computed weights agree.
+
+Importing this module registers the encodings in ``artifact.ENCODINGS``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import artifact
+
+EPS = float(torch.finfo(torch.float32).eps)  # smallest scale, as torch's observers use
+
+
+# ---------------------------------------------------------------- int8 per row
+
+
+def row_shape(shape) -> tuple[int, int]:
+    """(rows, cols): dim 0 against the rest flattened; 0-D and 1-D tensors are one row."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return 1, int(np.prod(shape, dtype=np.int64))
+    return shape[0], int(np.prod(shape[1:], dtype=np.int64))
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values [rows, cols], float32 scales [rows]) of the symmetric per-row int8 grid."""
+    x = t.detach().float().reshape(row_shape(t.shape))
+    scale = (x.abs().amax(1) / 127).clamp(min=EPS) if x.shape[1] else x.new_ones(x.shape[0])
+    q = torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
+    return (q.reshape(row_shape(shape)).float() * scale[:, None]).reshape(shape)
+
+
+# ---------------------------------------------------------------- dense encodings
+
+
+def _enc_fp16(t):
+    return {}, {"data": t.detach().to(torch.float16).contiguous().numpy()}
+
+
+def _dec_fp16(params, chunks, shape, dtype):
+    return torch.from_numpy(chunks["data"].astype(np.float32)).reshape(shape)
+
+
+def _enc_int8_row(t):
+    q, scale = quantize_rows(t)
+    return {}, {"values": q.numpy(), "scales": scale.numpy()}
+
+
+def _dec_int8_row(params, chunks, shape, dtype):
+    q = torch.from_numpy(chunks["values"].copy())
+    return dequantize_rows(q, torch.from_numpy(chunks["scales"].copy()), shape)
+
+
+# ---------------------------------------------------------------- sparse encodings
+# chunks: "mask" (packed bits of flat != 0) + "values" (the nonzeros, flat order) [+ "scales"]
+
+
+def _mask(t: torch.Tensor) -> np.ndarray:
+    return (t.detach().reshape(-1) != 0).numpy()
+
+
+def _unmask(chunks, shape) -> np.ndarray:
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.unpackbits(chunks["mask"], count=n).astype(bool)
+
+
+def _scatter(keep: np.ndarray, values: np.ndarray, shape) -> torch.Tensor:
+    dense = np.zeros(keep.shape, dtype=np.float32)
+    dense[keep] = values
+    return torch.from_numpy(dense).reshape(shape)
+
+
+def _sparse(store_dtype):
+    def encode(t):
+        keep = _mask(t)
+        values = t.detach().float().reshape(-1).numpy()[keep].astype(store_dtype)
+        return {}, {"mask": np.packbits(keep), "values": values}
+
+    def decode(params, chunks, shape, dtype):
+        return _scatter(_unmask(chunks, shape), chunks["values"].astype(np.float32), shape)
+
+    return encode, decode
+
+
+def _enc_sparse_int8(t):
+    keep = _mask(t)
+    q, scale = quantize_rows(t)
+    return {}, {"mask": np.packbits(keep), "values": q.reshape(-1).numpy()[keep], "scales": scale.numpy()}
+
+
+def _dec_sparse_int8(params, chunks, shape, dtype):
+    keep = _unmask(chunks, shape)
+    q = np.zeros(keep.shape, dtype=np.int8)
+    q[keep] = chunks["values"]
+    scales = torch.from_numpy(chunks["scales"].copy())
+    return dequantize_rows(torch.from_numpy(q), scales, shape)
+
+
+artifact.register_encoding("fp16", _enc_fp16, _dec_fp16)
+artifact.register_encoding("int8_row", _enc_int8_row, _dec_int8_row)
+artifact.register_encoding("sparse_raw", *_sparse(np.float32))
+artifact.register_encoding("sparse_fp16", *_sparse(np.float16))
+artifact.register_encoding("sparse_int8", _enc_sparse_int8, _dec_sparse_int8)
+
+# bits per stored value, and whether the encoding keeps one float32 scale per row
+VALUE_BITS = {"fp16": 16, "int8_row": 8, "sparse_raw": 32, "sparse_fp16": 16, "sparse_int8": 8}
+SPARSE = frozenset({"sparse_raw", "sparse_fp16", "sparse_int8"})
+ROW_SCALED = frozenset({"int8_row", "sparse_int8"})

@@ -1,0 +1,250 @@
+"""Unstructured magnitude pruning of a caption decoder, held fixed while it is fine-tuned.
+
+What is pruned: every decoder weight with two or more dimensions (``prunable``), i.e. word
+embeddings, LSTM/attention matrices and the output layer; biases are left dense, as they are
+few. Masks are plain ``{parameter name: bool tensor}`` dicts (True = keep) applied with
+``masked_fill_``: torch.nn.utils.prune's reparametrisation buys nothing here and Torch-Pruning
+cannot handle ``nn.LSTMCell``.
+
+Methods (``PRUNE_METHODS``):
+
+- ``global``: one magnitude threshold over all prunable weights, so layers whose weights are
+  small lose more of them;
+- ``layerwise``: every prunable tensor loses the same fraction of its own smallest weights;
+- ``gradual``: global masks whose sparsity rises over the fine-tuning epochs on the cubic
+  schedule of Zhu & Gupta (2017), ``s_e = s * (1 - (1 - (e + 1) / E) ** 3)`` at the start of
+  0-based epoch ``e`` of ``E``. The ``+ 1`` makes the last epoch train at exactly ``s``
+  (the others are warm-up and never eligible as the kept checkpoint) and lets ``E = 1``
+  mean one-shot pruning.
+
+Exactly ``round(ratio * n)`` weights are pruned: ties at the threshold are broken by position
+(parameter order, then row-major), so the same weights always give the same masks. Weights
+pruned earlier are pruned first again, so masks only ever lose entries.
+
+A ``Pruner`` drives this during training (see ``captioning.training.xe.train_xe``): masks are
+(re)computed at each epoch start, gradients of pruned weights are zeroed before the optimizer
+step and the weights are re-zeroed after it, so Adam's momentum cannot revive them. Its masks
+travel in the training resume file, so a resumed run gives the same weights.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    scope: str       # "global": one threshold over all prunable weights; "layerwise": one per tensor
+    gradual: bool    # sparsity follows the cubic schedule over the epochs instead of starting at the target
+    help: str
+
+
+PRUNE_METHODS: dict[str, PruneMethod] = {
+    "global": PruneMethod("global", False, "smallest |w| over all prunable decoder weights, once"),
+    "layerwise": PruneMethod("layerwise", False, "smallest |w| of each prunable tensor, same ratio each, once"),
+    "gradual": PruneMethod("global", True, "global, sparsity rising over the epochs (cubic, Zhu & Gupta 2017)"),
+}
+
+
+def _method(name: str) -> PruneMethod:
+    if name not in PRUNE_METHODS:
+        raise UserError(f"unknown pruning method {name!r}; known: {', '.join(PRUNE_METHODS)}")
+    return PRUNE_METHODS[name]
+
+
+def _check_ratio(ratio) -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise UserError(f"pruning ratio {ratio!r} is not a number") from None
+    if not 0.0 <= r < 1.0:
+        raise UserError(f"pruning ratio {r} must be in [0, 1)")
+    return r
+
+
+# ---- which weights, and how sparse they are ---------------------------------------------------
+
+def prunable(decoder: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter with dim >= 2 (matrices and embeddings, not biases), in parameter order.
+
+    Shared (tied) parameters appear once, under their first name.
+    """
+    return {n: p for n, p in decoder.named_parameters() if p.dim() >= 2}
+
+
+def measured_sparsity(decoder_or_state) -> dict:
+    """Fraction of exact zeros, read from the weights themselves.
+
+    Accepts a decoder, a state dict, or the path of a safetensors file. Returns {"sparsity":
+    over the prunable weights, "sparsity_all": over all parameters}. For a state dict the
+    prunable weights are its floating tensors with dim >= 2 (a decoder's state dict holds only
+    parameters, unless it registers persistent buffers).
+    """
+    if isinstance(decoder_or_state, (str, os.PathLike)):
+        from ..io import load_tensors
+
+        decoder_or_state = load_tensors(decoder_or_state)[0]
+    if isinstance(decoder_or_state, nn.Module):
+        tensors = dict(decoder_or_state.named_parameters())
+    else:
+        tensors = {k: v for k, v in decoder_or_state.items() if torch.is_tensor(v) and v.is_floating_point()}
+    zeros = {k: int((v == 0).sum()) for k, v in tensors.items()}
+    big = [k for k, v in tensors.items() if v.dim() >= 2]
+
+    def frac(keys):
+        n = sum(tensors[k].numel() for k in keys)
+        return sum(zeros[k] for k in keys) / n if n else 0.0
+
+    return {"sparsity": frac(big), "sparsity_all": frac(list(tensors))}
+
+
+# ---- masks ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _keep_smallest_out(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat bool mask that drops exactly the ``k`` smallest scores; ties go to the earlier position."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    thr = scores.kthvalue(k).values
+    below = scores < thr
+    keep[below] = False
+    tied = torch.nonzero(scores == thr).squeeze(1)
+    keep[tied[:k - int(below.sum())]] = False
+    return keep
+
+
+@torch.no_grad()
+def _masks_for(weights: list[torch.Tensor], ratio: float, previous: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """One threshold over ``weights``; entries pruned before score -1, so they are pruned again first."""
+    scores = []
+    for w, prev in zip(weights, previous):
+        s = w.detach().abs().flatten().float()
+        if prev is not None:
+            s = s.masked_fill(~prev.flatten().to(s.device), -1.0)
+        scores.append(s)
+    flat = torch.cat(scores)
+    already = int((flat < 0).sum())
+    keep = _keep_smallest_out(flat, max(round(ratio * flat.numel()), already))
+    return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in weights]), weights)]
+
+
+def make_masks(decoder: nn.Module, method: str, ratio: float,
+               previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{name: bool tensor (True = keep)} pruning ``ratio`` of the prunable weights by magnitude.
+
+    ``method`` picks the scope (``gradual`` prunes globally; its schedule lives in ``Pruner``).
+    Weights masked out in ``previous`` stay masked out.
+    """
+    scope, ratio = _method(method).scope, _check_ratio(ratio)
+    params = prunable(decoder)
+    names = list(params)
+    prev = [previous.get(n) if previous else None for n in names]
+    if scope == "global":
+        masks = _masks_for([params[n] for n in names], ratio, prev)
+    else:
+        masks = [_masks_for([params[n]], ratio, [p])[0] for n, p in zip(names, prev)]
+    return dict(zip(names, masks))
+
+
+# ---- the training hooks -------------------------------------------------------------------------
+
+class Pruner:
+    """Masks a decoder during fine-tuning; ``train_xe`` calls the hooks.
+
+    Epochs are 0-based here. ``epochs`` is the schedule length: only ``gradual`` uses it, and
+    training longer than it simply stays at the final ratio.
+    """
+
+    def __init__(self, method: str, ratio: float, epochs: int = 1):
+        self.method, self.spec, self.ratio = method, _method(method), _check_ratio(ratio)
+        if int(epochs) < 1:
+            raise UserError(f"pruning schedule needs at least 1 epoch, got {epochs}")
+        self.epochs = int(epochs)
+        self.masks: dict[str, torch.Tensor] | None = None
+        self._drop: dict[str, torch.Tensor] = {}  # ~masks, cached for the per-step hooks
+
+    def ratio_at(self, epoch: int) -> float:
+        """The sparsity in force during ``epoch``."""
+        if not self.spec.gradual:
+            return self.ratio
+        e = min(max(epoch, 0), self.epochs - 1)
+        return self.ratio * (1.0 - (1.0 - (e + 1) / self.epochs) ** 3)
+
+    def at_target(self, epoch: int) -> bool:
+        """True once the final sparsity is in force: only such epochs may become the kept checkpoint."""
+        return not self.spec.gradual or epoch >= self.epochs - 1
+
+    def on_epoch_start(self, decoder: nn.Module, epoch: int) -> None:
+        """(Re)compute the masks for this epoch's sparsity and zero the pruned weights.
+
+        For fixed methods the masks of the first call are kept (recomputing gives the same ones).
+        """
+        self._set_masks(make_masks(decoder, self.method, self.ratio_at(epoch), previous=self.masks))
+        self.after_step(decoder)
+
+    @torch.no_grad()
+    def before_step(self, decoder: nn.Module) -> None:
+        """Zero the gradients of pruned weights (so clipping and Adam's moments ignore them)."""
+        for n, p in prunable(decoder).items():
+            if n in self._drop and p.grad is not None:
+                p.grad.masked_fill_(self._drop[n], 0.0)
+
+    @torch.no_grad()
+    def after_step(self, decoder: nn.Module) -> None:
+        """Re-zero pruned weights: Adam's momentum would otherwise move them again."""
+        for n, p in prunable(decoder).items():
+            if n in self._drop:
+                p.masked_fill_(self._drop[n], 0.0)
+
+    def describe(self) -> dict:
+        """What makes two pruners equivalent (for settings and resume matching)."""
+        d = {"method": self.method, "scope": self.spec.scope, "ratio": self.ratio}
+        if self.spec.gradual:
+            d.update(schedule="cubic", schedule_epochs=self.epochs)
+        return d
+
+    # resume: the masks as tensors, since they cannot always be re-derived from the weights
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"mask.{n}": m for n, m in (self.masks or {}).items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], decoder: nn.Module) -> None:
+        params = prunable(decoder)
+        masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
+        if not masks:
+            return
+        if set(masks) != set(params) or any(masks[n].shape != params[n].shape for n in params):
+            raise UserError("resume file: pruning masks do not match the decoder's weights")
+        self._set_masks({n: masks[n].to(device=params[n].device, dtype=torch.bool) for n in params})
+
+    def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        self.masks = masks
+        self._drop = {n: ~m for n, m in masks.items()}
+
+
+# ---- one call: prune a trained decoder and fine-tune it --------------------------------------------
+
+def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: str, ratio: float,
+                    epochs: int = 2, lr: float = 1e-4, **train_kwargs) -> dict:
+    """Prune ``decoder_ckpt`` with ``method`` at ``ratio`` and fine-tune it with XE, masks held.
+
+    The decoder is rebuilt from the checkpoint's own config; ``train_kwargs`` go to ``train_xe``
+    (``stage`` defaults to "prune"). Returns ``train_xe``'s report; the kept checkpoint's metadata
+    holds the measured sparsity.
+    """
+    from ..training.xe import train_xe
+
+    pruner = Pruner(method, ratio, epochs)
+    train_kwargs.setdefault("stage", "prune")
+    return train_xe(features_h5, prepared_dir, out_path, train_kwargs.pop("decoder_name", None),
+                    train_kwargs.pop("decoder_cfg", None), epochs=epochs, lr=lr, init_from=decoder_ckpt,
+                    pruner=pruner, **train_kwargs)
+
+
+__all__ = ["PRUNE_METHODS", "PruneMethod", "Pruner", "prunable", "make_masks", "measured_sparsity",
+           "finetune_pruned"]

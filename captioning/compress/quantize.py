@@ -1,0 +1,152 @@
+"""Quantization modes: how each tensor is stored in the artifact, and how the loaded model computes.
+
+A mode is a storage policy plus a runtime step:
+
+    mode   weights (dim >= 2)        1-D tensors        compute
+    fp32   raw                       raw                fp32
+    fp16   fp16                      fp16               fp32 (fp16 is slow on CPU; storage only)
+    int8   int8 per row              raw fp32 (tiny)    decoder Linear/LSTMCell: dynamic int8 (CPU);
+                                                        embedding, encoder convs: weight-only int8
+
+Every float tensor is stored sparsely (bitmask + nonzeros) instead when that takes fewer bytes,
+so pruned weights shrink the file in every mode. ``roundtrip`` applies exactly the artifact's
+encode/decode to an in-memory model, so a quantized model in memory and the same model loaded
+from its artifact hold identical weights and write identical captions.
+
+This is the only module that knows the torch quantization API.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from . import artifact
+from .encodings import ROW_SCALED, SPARSE, VALUE_BITS, row_shape
+
+# mode -> (dense encoding, sparse encoding) of its float weights
+_POLICY = {
+    "fp32": ("raw", "sparse_raw"),
+    "fp16": ("fp16", "sparse_fp16"),
+    "int8": ("int8_row", "sparse_int8"),
+}
+QUANT_MODES = tuple(_POLICY)
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in _POLICY:
+        raise UserError(f"unknown quantization '{mode}'; known: {', '.join(QUANT_MODES)}")
+    return mode
+
+
+# ---------------------------------------------------------------- storage policy
+
+
+def _value_bits(encoding: str, t: torch.Tensor) -> int:
+    return VALUE_BITS.get(encoding, t.element_size() * 8)
+
+
+def _payload_bytes(encoding: str, t: torch.Tensor, nnz: int) -> int:
+    """Bytes of the chunks an encoding writes (before zstd)."""
+    n = t.numel()
+    values = (nnz if encoding in SPARSE else n) * _value_bits(encoding, t) // 8
+    mask = math.ceil(n / 8) if encoding in SPARSE else 0
+    scales = 4 * row_shape(t.shape)[0] if encoding in ROW_SCALED else 0
+    return values + mask + scales
+
+
+def encoding_for(mode: str, group: str, name: str, tensor: torch.Tensor) -> str:
+    """The artifact encoding of one tensor under ``mode`` (see the table above).
+
+    ``group``/``name`` are part of the interface so a policy may single tensors out; this one
+    decides from the tensor alone. Sparse is chosen only when its bytes are fewer than dense.
+    """
+    dense, sparse = _POLICY[check_mode(mode)]
+    t = tensor.detach()
+    if not t.is_floating_point() or t.numel() == 0:
+        return "raw"  # counters such as BN num_batches_tracked
+    if (mode == "int8" and t.ndim < 2) or (mode == "fp16" and bool(t.abs().max() > _FP16_MAX)):
+        dense, sparse = _POLICY["fp32"]  # 1-D: scales would cost as much as they save; fp16: overflow
+    nnz = int(torch.count_nonzero(t))
+    return sparse if _payload_bytes(sparse, t, nnz) < _payload_bytes(dense, t, nnz) else dense
+
+
+def roundtrip(groups: dict[str, dict[str, torch.Tensor]], mode: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Every tensor as the artifact would give it back: decode(encode(t)) with its chosen encoding."""
+    out = {}
+    for group, state in groups.items():
+        out[group] = {}
+        for name, t in state.items():
+            t = t.detach().cpu()
+            enc = encoding_for(mode, group, name, t)
+            encode, decode = artifact.ENCODINGS[enc]
+            params, chunks = encode(t)
+            out[group][name] = decode(params, chunks, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+    return out
+
+
+def storage_floor_bytes(groups: dict[str, dict[str, torch.Tensor]], mode: str) -> int:
+    """The ideal size of the stored values, to compare artifact sizes against: per tensor,
+    nonzeros x bits of its encoding, + 1 bit per element for the mask when stored sparse,
+    + 32 bits per int8 scale.
+
+    It floors the format, not the file: zstd finds some redundancy in real weights (skewed
+    exponents, low-entropy masks), so an artifact is typically 0.85-0.92x of this when dense
+    and can go lower when very sparse.
+    """
+    bits = 0
+    for group, state in groups.items():
+        for name, t in state.items():
+            enc = encoding_for(mode, group, name, t)
+            bits += int(torch.count_nonzero(t)) * _value_bits(enc, t)
+            bits += t.numel() if enc in SPARSE else 0
+            bits += 32 * row_shape(t.shape)[0] if enc in ROW_SCALED else 0
+    return math.ceil(bits / 8)
+
+
+# ---------------------------------------------------------------- runtime
+
+
+def _int8_qconfig():
+    from torch.ao.quantization import PerChannelMinMaxObserver, QConfig, default_dynamic_quant_observer
+
+    # symmetric per output channel on [-127, 127]: scale = max|row| / 127, the int8_row grid, so a
+    # weight already on that grid is re-quantized to the same integers
+    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                quant_min=-127, quant_max=127)
+    return QConfig(activation=default_dynamic_quant_observer, weight=weight)
+
+
+def _dynamic_int8(decoder: nn.Module) -> nn.Module:
+    """Swap the decoder's Linear and LSTMCell layers for dynamic int8 ones (CPU only), in place."""
+    from torch.ao.quantization import quantize_dynamic
+
+    qconfig = _int8_qconfig()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*deprecated")  # torch.ao quantization: still works
+        return quantize_dynamic(decoder.cpu(), {nn.Linear: qconfig, nn.LSTMCell: qconfig},
+                                dtype=torch.qint8, inplace=True)
+
+
+def apply_runtime(target, mode: str):
+    """Make a (roundtripped) decoder or Captioner compute in ``mode``; returns it.
+
+    Only int8 changes anything: the decoder's Linear and LSTMCell layers then run dynamic int8
+    matmuls, which exist on CPU only, so a Captioner is moved to CPU. The embedding and the
+    encoder's convs stay fp32 modules holding int8-grid weights (weight-only int8).
+    """
+    if check_mode(mode) != "int8":
+        return target
+    if isinstance(target, nn.Module):
+        return _dynamic_int8(target)
+    target.encoder = target.encoder.cpu()
+    target.decoder = _dynamic_int8(target.decoder)
+    target.device = "cpu"
+    return target
+
+
+__all__ = ["QUANT_MODES", "check_mode", "encoding_for", "roundtrip", "storage_floor_bytes", "apply_runtime"]

@@ -1,0 +1,154 @@
+"""Captioner + artifact: a quantized model in memory and the same model loaded from its artifact agree exactly."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from captioning.captioner import Captioner, load_captioner, pack_model, quantize_captioner
+from captioning.compress import artifact
+from captioning.compress.quantize import QUANT_MODES, roundtrip
+from captioning.errors import UserError
+from captioning.evaluation.evaluate import count_params
+
+IMAGES = sorted((Path(__file__).parent / "data" / "coco5" / "train2014").glob("*.jpg"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # 2 cores shared with other jobs: several torch threads spin against each other
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _prune(module, zeros):
+    """Zero the smallest-magnitude fraction ``zeros`` of every weight (dim >= 2), in place."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 2:
+                cut = p.abs().flatten().kthvalue(max(1, int(zeros * p.numel()))).values
+                p[p.abs() <= cut] = 0
+
+
+def _captioner(zeros=0.0):
+    from captioning.encoders import create_encoder
+    from captioning.models import create_decoder
+
+    enc = create_encoder("mobilenetv3_small_050", img_size=64)
+    dec = create_decoder("updown", vocab_size=30, feat_dim=enc.feat_dim, input_encoding_size=32,
+                         rnn_size=32, att_hid_size=16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # larger than the default init, so captions depend on the image
+        for p in dec.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
+    if zeros:
+        _prune(enc, zeros), _prune(dec, zeros)
+    return Captioner(enc, dec, {i: f"w{i}" for i in range(1, 31)}, max_len=10)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _logprobs(cap, images, steps=3):
+    """Encoder features and the decoder's log-probabilities over a few greedy steps."""
+    with torch.no_grad():
+        fc, att = cap.encoder(images)
+        ctx = cap.decoder.prepare(fc, att)
+        state, tokens, out = cap.decoder.init_state(ctx), torch.zeros(len(images), dtype=torch.long), []
+        for _ in range(steps):
+            lp, state = cap.decoder.step(tokens, state, ctx)
+            out.append(lp)
+            tokens = lp.argmax(1)
+    return fc, torch.stack(out)
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.8])
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_loaded_artifact_equals_in_memory_quantized_model(tmp_path, images, mode, zeros):
+    cap = _captioner(zeros)
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, max_len=10, quantization=mode)
+    loaded, memory = load_captioner(tmp_path / "m.capz"), quantize_captioner(cap, mode)
+    assert loaded.quantization == memory.quantization == mode
+    assert loaded.config["runtime"] == {"quantization": mode}
+    (fa, la), (fb, lb) = _logprobs(loaded, images), _logprobs(memory, images)
+    assert torch.equal(fa, fb) and torch.equal(la, lb)
+    assert loaded.caption_images(images) == memory.caption_images(images)
+    stored, expected = loaded.state_groups(), roundtrip(cap.state_groups(), mode)
+    for g in ("encoder", "decoder"):
+        assert stored[g].keys() == expected[g].keys()
+        assert all(torch.equal(stored[g][k], expected[g][k]) for k in expected[g])
+        if zeros:  # pruned weights come back exactly zero
+            orig = cap.state_groups()[g]
+            assert all((stored[g][k][orig[k] == 0] == 0).all() for k in orig if orig[k].ndim >= 2)
+
+
+def test_int8_decoder_is_dynamic_and_close_to_fp32(images):
+    cap = _captioner()
+    q = quantize_captioner(cap, "int8")
+    assert type(q.decoder.logit).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert type(q.decoder.core.att_lstm).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert isinstance(cap.decoder.logit, nn.Linear)  # the source captioner is left as it was
+    (fa, la), (fb, lb) = _logprobs(cap, images), _logprobs(q, images)
+    assert 0 < (la - lb).abs().max() < 0.1  # int8 really computes, and stays close
+    assert (fa - fb).abs().max() < 0.05 * fa.abs().max()
+    assert len(q.caption_images(images, beam_size=3)) == len(images)
+
+
+def test_int8_state_groups_count_like_fp32():
+    cap = _captioner(zeros=0.5)
+    q = quantize_captioner(cap, "int8")
+    groups = q.state_groups()
+    assert all(t.dtype == torch.float32 for g in groups.values() for t in g.values() if t.is_floating_point())
+    total, nonzero = count_params(q)
+    total_fp32, nonzero_fp32 = count_params(cap)
+    assert total == total_fp32
+    # int8 rounds a few tiny weights to zero; pruning's zeros all stay
+    assert 0.95 * nonzero_fp32 <= nonzero <= nonzero_fp32 < total
+
+
+def test_int8_artifact_runs_on_cpu_whatever_the_device(tmp_path):
+    cap = _captioner()
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, quantization="int8")
+    loaded = load_captioner(tmp_path / "m.capz", device="cuda")
+    assert loaded.device == "cpu"
+    assert next(loaded.encoder.parameters()).device.type == "cpu"
+    captions = loaded.caption_files(IMAGES[:2], beam_size=2)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def test_fp16_artifact_computes_in_fp32(tmp_path):
+    cap = _captioner()
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, quantization="fp16")
+    loaded = load_captioner(tmp_path / "m.capz")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    w = loaded.decoder.logit.weight
+    assert torch.equal(w, cap.decoder.logit.weight.half().float())
+
+
+def test_unknown_quantization_is_a_user_error(tmp_path):
+    cap = _captioner()
+    with pytest.raises(UserError, match="int4"):
+        pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, quantization="int4")
+    with pytest.raises(UserError, match="int4"):
+        quantize_captioner(cap, "int4")
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow)
+    config, groups = artifact.read(tmp_path / "m.capz")
+    artifact.pack(tmp_path / "bad.capz", groups, {**config, "runtime": {"quantization": "int4"}})
+    with pytest.raises(UserError, match=r"bad\.capz: unknown quantization 'int4'"):
+        load_captioner(tmp_path / "bad.capz")
+
+
+def test_artifact_whose_weights_do_not_fit_its_config_is_a_user_error(tmp_path):
+    cap = _captioner()
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow)
+    config, groups = artifact.read(tmp_path / "m.capz")
+    artifact.pack(tmp_path / "bad.capz", groups, {**config, "decoder": {**config["decoder"], "rnn_size": 8}})
+    with pytest.raises(UserError, match=r"bad\.capz: decoder weights do not match"):
+        load_captioner(tmp_path / "bad.capz")
+    artifact.pack(tmp_path / "bad.capz", groups, {k: v for k, v in config.items() if k != "vocab"})
+    with pytest.raises(UserError, match="bad.capz: artifact config is incomplete"):
+        load_captioner(tmp_path / "bad.capz")

@@ -1,0 +1,253 @@
+"""Magnitude pruning (global, layer-wise, gradual) and fine-tuning with the masks held, on tiny decoders."""
+import pytest
+import torch
+
+from captioning.compress.prune import (PRUNE_METHODS, Pruner, finetune_pruned, make_masks, measured_sparsity,
+                                       prunable)
+from captioning.errors import UserError
+from captioning.io import load_tensors
+from captioning.models import create_decoder, load_decoder, read_decoder_meta, save_decoder
+from captioning.training import train_xe
+from test_training import TINY, make_dataset  # the tiny fake dataset of the training tests
+
+FT = dict(batch_size=3, seed=2, progress=False, threads=1)
+
+
+def tiny_decoder(seed=0, **cfg):
+    torch.manual_seed(seed)
+    return create_decoder("updown", 10, 6, **{**TINY, "rnn_size": 24, **cfg})
+
+
+def pruned_fraction(masks):
+    return sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A trained tiny Up-Down checkpoint and its data, shared by the fine-tuning tests."""
+    root = tmp_path_factory.mktemp("base")
+    feats, prep = make_dataset(root)
+    ckpt = root / "xe.safetensors"
+    train_xe(feats, prep, ckpt, "updown", TINY, epochs=2, lr=1e-2, **FT)
+    return feats, prep, ckpt
+
+
+# ---- masks --------------------------------------------------------------------------------------
+
+def test_prunable_is_every_matrix_and_no_bias():
+    m = tiny_decoder()
+    assert set(prunable(m)) == {
+        "embed.weight", "fc_embed.weight", "att_embed.weight", "ctx2att.weight", "logit.weight",
+        "core.att_lstm.weight_ih", "core.att_lstm.weight_hh", "core.lang_lstm.weight_ih",
+        "core.lang_lstm.weight_hh", "core.attention.h2att.weight", "core.attention.alpha_net.weight"}
+    assert set(PRUNE_METHODS) == {"global", "layerwise", "gradual"}
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+@pytest.mark.parametrize("method", ["global", "layerwise"])
+def test_masks_reach_the_ratio(method, ratio):
+    m = tiny_decoder()
+    masks = make_masks(m, method, ratio)
+    params = prunable(m)
+    assert masks.keys() == params.keys()
+    assert all(masks[n].dtype == torch.bool and masks[n].shape == p.shape for n, p in params.items())
+    assert pruned_fraction(masks) == pytest.approx(ratio, abs=0.005)
+    per_tensor = {n: 1 - mk.float().mean().item() for n, mk in masks.items()}
+    if method == "layerwise":  # every tensor gets the ratio, up to rounding one weight
+        assert all(abs(int((~mk).sum()) - ratio * mk.numel()) <= 0.5 for mk in masks.values())
+    else:  # global: layers differ (the embedding's N(0, 1) weights are larger than the Linear ones)
+        assert per_tensor["embed.weight"] < ratio - 0.1
+        assert max(per_tensor.values()) - min(per_tensor.values()) > 0.2
+    assert all(torch.equal(masks[n], mk) for n, mk in make_masks(m, method, ratio).items())  # deterministic
+
+
+def test_global_prunes_the_smallest_magnitudes():
+    m = tiny_decoder()
+    masks = make_masks(m, "global", 0.7)
+    w = torch.cat([p.detach().abs().flatten() for p in prunable(m).values()])
+    keep = torch.cat([mk.flatten() for mk in masks.values()])
+    assert w[keep].min() >= w[~keep].max()
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("aoanet", dict(input_encoding_size=16, rnn_size=16, att_hid_size=16, num_heads=2, refiner_layers=1)),
+    ("transformer", dict(d_model=16, d_ff=32, num_heads=2, enc_layers=1, dec_layers=1, tie_embeddings=True)),
+])
+def test_other_decoders_prune_the_same_way(name, cfg):
+    torch.manual_seed(0)
+    m = create_decoder(name, 10, 6, **cfg)
+    names = set(prunable(m))
+    assert "embed.weight" in names and not any(n.endswith("bias") for n in names)
+    assert {n for n, p in m.named_parameters() if p.dim() == 1}.isdisjoint(names)  # norms, biases stay dense
+    Pruner("global", 0.7).on_epoch_start(m, 0)
+    assert measured_sparsity(m)["sparsity"] == pytest.approx(0.7, abs=0.005)
+    assert measured_sparsity(m.state_dict()) == measured_sparsity(m)
+
+
+def test_ties_are_broken_by_position_and_the_count_is_exact():
+    m = tiny_decoder()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(0.25)  # every magnitude ties
+    masks = make_masks(m, "global", 0.5)
+    keep = torch.cat([mk.flatten() for mk in masks.values()])
+    k = round(0.5 * keep.numel())
+    assert int((~keep).sum()) == k and not keep[:k].any() and keep[k:].all()
+
+
+def test_masks_only_grow_under_the_gradual_schedule():
+    m = tiny_decoder()
+    pr = Pruner("gradual", 0.9, epochs=4)
+    ratios = [pr.ratio_at(e) for e in range(4)]
+    assert ratios == sorted(ratios) and ratios[0] > 0 and ratios[-1] == 0.9 and pr.ratio_at(9) == 0.9
+    assert [pr.at_target(e) for e in range(5)] == [False, False, False, True, True]
+    prev = None
+    gen = torch.Generator().manual_seed(0)
+    for e in range(4):
+        pr.on_epoch_start(m, e)
+        assert pruned_fraction(pr.masks) == pytest.approx(ratios[e], abs=0.005)
+        assert measured_sparsity(m)["sparsity"] == pytest.approx(ratios[e], abs=0.005)
+        if prev is not None:
+            assert all((~prev[n] <= ~pr.masks[n]).all() for n in prev)  # once pruned, always pruned
+        prev = {n: mk.clone() for n, mk in pr.masks.items()}
+        with torch.no_grad():  # updates that revive pruned weights and reorder magnitudes
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+    # one-shot methods ignore the epoch
+    fixed = Pruner("layerwise", 0.5, epochs=3)
+    assert fixed.ratio_at(0) == 0.5 and fixed.at_target(0) and "schedule_epochs" not in fixed.describe()
+
+
+def test_hooks_zero_weights_and_grads():
+    m = tiny_decoder()
+    pr = Pruner("global", 0.8)
+    pr.on_epoch_start(m, 0)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    pr.before_step(m)
+    for n, p in prunable(m).items():
+        assert (p[~pr.masks[n]] == 0).all() and (p.grad[~pr.masks[n]] == 0).all()
+        assert (p.grad[pr.masks[n]] == 1).all()
+    assert (m.logit.bias.grad == 1).all()  # biases are not pruned
+
+
+def test_masks_survive_a_restart_even_where_weights_cannot_tell():
+    m = tiny_decoder()
+    pr = Pruner("layerwise", 0.5)
+    pr.on_epoch_start(m, 0)
+    with torch.no_grad():
+        m.logit.weight[pr.masks["logit.weight"]] = 0.0  # kept weights that happen to reach 0
+    resumed = Pruner("layerwise", 0.5)
+    resumed.load_state_tensors(pr.state_tensors(), m)
+    resumed.on_epoch_start(m, 1)
+    assert all(torch.equal(resumed.masks[n], pr.masks[n]) for n in pr.masks)
+    fresh = Pruner("layerwise", 0.5)  # re-derived from the zero pattern, it would guess wrong here
+    fresh.on_epoch_start(m, 1)
+    assert not torch.equal(fresh.masks["logit.weight"], pr.masks["logit.weight"])
+    with pytest.raises(UserError, match="masks do not match"):
+        Pruner("global", 0.5).load_state_tensors(pr.state_tensors(), tiny_decoder(rnn_size=8))
+
+
+def test_measured_sparsity_from_decoder_state_and_file(tmp_path):
+    m = tiny_decoder()
+    with torch.no_grad():
+        m.logit.weight.zero_()
+        m.logit.bias.zero_()
+    n_big = sum(p.numel() for p in prunable(m).values())
+    s = measured_sparsity(m)
+    assert s["sparsity"] == pytest.approx(m.logit.weight.numel() / n_big)
+    assert s["sparsity_all"] == pytest.approx((m.logit.weight.numel() + m.logit.bias.numel()) / m.num_parameters())
+    save_decoder(m, tmp_path / "d.safetensors")
+    assert measured_sparsity(m.state_dict()) == s == measured_sparsity(tmp_path / "d.safetensors")
+
+
+def test_user_errors():
+    m = tiny_decoder()
+    with pytest.raises(UserError, match="unknown pruning method 'random'"):
+        make_masks(m, "random", 0.5)
+    for bad in (1.0, -0.1, "lots"):
+        with pytest.raises(UserError, match="pruning ratio"):
+            Pruner("global", bad)
+    with pytest.raises(UserError, match="epoch"):
+        Pruner("gradual", 0.5, epochs=0)
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["global", "layerwise"])
+def test_finetune_keeps_pruned_weights_at_zero(base, tmp_path, method):
+    feats, prep, ckpt = base
+    before = load_decoder(ckpt)
+    expected = make_masks(before, method, 0.9)  # what pruning the checkpoint must choose
+    out = tmp_path / "pruned.safetensors"
+    res = finetune_pruned(ckpt, feats, prep, out, method, 0.9, epochs=2, lr=1e-2, **FT)
+    meta = read_decoder_meta(out)
+    assert meta["stage"] == "prune" and meta["prune_method"] == method and meta["prune_ratio"] == 0.9
+    assert meta["sparsity"] == pytest.approx(0.9, abs=0.005) and 0 < meta["sparsity_all"] < meta["sparsity"]
+    assert meta["epoch"] == res["best_epoch"] and meta["init_from"]["path"] == str(ckpt)
+    after = load_decoder(out)
+    assert after.config == before.config
+    weights = dict(after.named_parameters())
+    old = dict(before.named_parameters())
+    for n, keep in expected.items():
+        assert (weights[n][~keep] == 0).all(), n  # Adam did not revive any pruned weight
+    kept = expected["logit.weight"]
+    assert not torch.equal(weights["logit.weight"][kept], old["logit.weight"][kept])  # it did fine-tune
+    assert [h["sparsity"] for h in res["history"]] == pytest.approx([0.9, 0.9], abs=0.005)
+    assert res["settings"]["pruner"] == {"method": method, "scope": method, "ratio": 0.9}
+
+
+def test_gradual_keeps_a_checkpoint_at_the_target(base, tmp_path):
+    feats, prep, ckpt = base
+    out = tmp_path / "gradual.safetensors"
+    res = finetune_pruned(ckpt, feats, prep, out, "gradual", 0.8, epochs=3, lr=1e-2, **FT)
+    sp = [h["sparsity"] for h in res["history"]]
+    assert sp == sorted(sp) and sp[0] < 0.6 and sp[-1] == pytest.approx(0.8, abs=0.005)
+    meta = read_decoder_meta(out)
+    assert res["best_epoch"] == meta["epoch"] == 3  # the only epoch at the final sparsity
+    assert meta["sparsity"] == pytest.approx(0.8, abs=0.005) and meta["prune_method"] == "gradual"
+
+
+def test_ratio_zero_changes_nothing_structurally(base, tmp_path):
+    feats, prep, ckpt = base
+    out = tmp_path / "p0.safetensors"
+    finetune_pruned(ckpt, feats, prep, out, "global", 0.0, epochs=1, lr=1e-3, **FT)
+    a, b = load_tensors(ckpt)[0], load_tensors(out)[0]
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert read_decoder_meta(out)["config"] == read_decoder_meta(ckpt)["config"]
+    assert read_decoder_meta(out)["sparsity"] == measured_sparsity(a)["sparsity"] == 0.0
+
+
+def test_resumed_finetune_equals_uninterrupted(base, tmp_path):
+    feats, prep, ckpt = base
+    kw = dict(FT, lr=1e-2, keep_resume=True, init_from=ckpt, stage="prune")
+    a, b = tmp_path / "a" / "p.safetensors", tmp_path / "b" / "p.safetensors"
+    ra = train_xe(feats, prep, a, None, None, epochs=3, pruner=Pruner("gradual", 0.8, 3), **kw)
+    r1 = train_xe(feats, prep, b, None, None, epochs=1, pruner=Pruner("gradual", 0.8, 3), **kw)  # "killed"
+    assert r1["best_epoch"] == 0 and not b.exists()  # epoch 1 is below the target: nothing kept yet
+    rb = train_xe(feats, prep, b, None, None, epochs=3, pruner=Pruner("gradual", 0.8, 3), **kw)
+    assert [h["loss"] for h in ra["history"]] == [h["loss"] for h in rb["history"]]
+    for x, y in ((a, b), (str(a) + ".resume.safetensors", str(b) + ".resume.safetensors")):
+        ta, tb = load_tensors(x)[0], load_tensors(y)[0]
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert any(k.startswith("pruner.mask.") for k in load_tensors(str(b) + ".resume.safetensors")[0])
+    # another ratio is other settings: the resume file is not trusted
+    rc = train_xe(feats, prep, b, None, None, epochs=3, pruner=Pruner("gradual", 0.5, 3), **kw)
+    assert rc["history"][0]["sparsity"] < ra["history"][0]["sparsity"]
+
+
+def test_init_from_conflicts_are_user_errors(base, tmp_path):
+    feats, prep, ckpt = base
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(UserError, match="rnn_size is 16 in the checkpoint, 32 was asked"):
+        train_xe(feats, prep, out, "updown", {"rnn_size": 32}, epochs=1, init_from=ckpt, **FT)
+    with pytest.raises(UserError, match="holds a 'updown' decoder, not 'aoanet'"):
+        train_xe(feats, prep, out, "aoanet", None, epochs=1, init_from=ckpt, **FT)
+    with pytest.raises(UserError, match="no decoder name"):
+        train_xe(feats, prep, out, None, None, epochs=1, **FT)
+    with pytest.raises(UserError, match="nope.safetensors: file not found"):
+        finetune_pruned(tmp_path / "nope.safetensors", feats, prep, out, "global", 0.5, **FT)
+    other = tmp_path / "other.safetensors"
+    save_decoder(create_decoder("updown", 10, 7, **TINY), other)
+    with pytest.raises(UserError, match="feat_dim 7, the training data 6"):
+        finetune_pruned(other, feats, prep, out, "global", 0.5, **FT)

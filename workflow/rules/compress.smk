@@ -1,0 +1,37 @@
+# Compression of the decoder: magnitude pruning to one ratio, then fine-tuning with the mask fixed.
+# (Quantization happens when a variant is packed: see package.smk.)
+
+
+rule prune_finetune:
+    message:
+        "Pruning decoder {wildcards.dec} on encoder {wildcards.enc} to {wildcards.ratio} ({wildcards.method}) and fine-tuning"
+    input:
+        decoder=f"{WORK}/decoders/{{enc}}/{{dec}}/{{train}}.safetensors",
+        features=rules.features.output,
+        labels=rules.prepare_captions.output.labels,
+        refs=rules.prepare_captions.output.refs_val,
+        info=rules.prepare_captions.output.info,
+    output:
+        f"{WORK}/decoders/{{enc}}/{{dec}}/{{train}}_{{method}}{{ratio}}.safetensors",
+    params:
+        cli=CAPTIONING,
+        finetune=as_json(config["compress"]["prune"]["finetune"]),
+        prep=lambda wc, input: os.path.dirname(input.info),
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"logs/prune_finetune/{DS}-{{enc}}-{{dec}}-{{train}}_{{method}}{{ratio}}.log",
+    benchmark:
+        f"logs/benchmarks/prune_finetune/{DS}-{{enc}}-{{dec}}-{{train}}_{{method}}{{ratio}}.tsv"
+    conda:
+        "../envs/captioning.yaml"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "{params.cli} prune --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
+        " --method {wildcards.method} --ratio {wildcards.ratio} --finetune {params.finetune:q}"
+        " --seed {params.seed} --threads {threads} --device {params.device} --out {output}"
+        " --log-json {log}.json > {log} 2>&1"

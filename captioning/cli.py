@@ -79,6 +79,13 @@ def cmd_train(a):
              device=a.device, log_json=a.log_json, **a.train_config)
 
 
+def cmd_scst(a):
+    from .training.scst import train_scst
+
+    train_scst(a.decoder, a.features, a.prepared, a.out, seed=a.seed, device=a.device, threads=a.threads,
+               log_json=a.log_json, **a.scst)
+
+
 def cmd_prune(a):
     from .compress.prune import finetune_pruned
     from .utils import set_threads
@@ -189,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder", required=True, help="decoder architecture name, e.g. updown")
     s.add_argument("--decoder-config", type=_json_arg, default={})
     s.add_argument("--train-config", type=_json_arg, default={})
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True)
+    s.add_argument("--log-json")
+
+    s = verb("scst", cmd_scst, "continue training a decoder with self-critical sequence training (CIDEr-D reward)")
+    s.add_argument("--decoder", required=True, help="the cross-entropy checkpoint to start from")
+    s.add_argument("--features", required=True)
+    s.add_argument("--prepared", required=True)
+    s.add_argument("--scst", type=_json_arg, default={}, help="SCST settings as JSON")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int)
     s.add_argument("--device", default="auto")

@@ -34,6 +34,7 @@ TINY = {
     "compress": {"encoders": ["lite0"], "quantization": ["fp32", "fp16", "int8"],
                  "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
                            "compare_methods": ["gradual"], "finetune": {"epochs": 2, "batch_size": 10}}},
+    "scst": {"encoders": ["lite0"], "epochs": 1, "batch_size": 10, "sample_n": 2},
     "evaluate": {"beam_size": 2, "latency_images": 3},
 }
 
@@ -69,7 +70,7 @@ def test_table_has_every_variant_and_column(tiny_run):
     df = pd.read_csv(tiny_run / "results/table.csv")
     assert list(df.columns) == COLUMNS
     assert sorted(df["variant"]) == sorted(
-        ["r50-updown-xe-fp32", "mnv3s-updown-xe-fp32"]
+        ["r50-updown-xe-fp32", "mnv3s-updown-xe-fp32", "lite0-updown-scst-fp32"]
         + [f"lite0-updown-{s}-{q}" for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")])
     # The pruned variants reached the ratio asked for, measured from the weights.
     pruned = df[df["prune_ratio"] > 0]
@@ -82,6 +83,8 @@ def test_table_has_every_variant_and_column(tiny_run):
     for q in ("fp32", "fp16", "int8"):
         assert size[f"lite0-updown-xe-{q}"] > size[f"lite0-updown-xe_global0.5-{q}"]
     assert (df["floor_mb"] > 0).all()
+    scst = df.set_index("variant").loc["lite0-updown-scst-fp32"]
+    assert scst["stage"] == "scst" and scst["training"] == "scst"
     assert "## updown" in (tiny_run / "results/summary.md").read_text()
     rows = df[df["stage"].isin(["baseline", "encoder"])].set_index("encoder")
     assert rows.loc["r50", "stage"] == "baseline" and rows.loc["r50", "size_reduction_pct"] == 0

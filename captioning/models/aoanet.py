@@ -17,7 +17,9 @@ query ``q`` it answered: ``AoA(a, q) = glu(W [a; q])`` = information * sigmoid(g
 In the decoder only the query is projected (the keys and values come from ``ctx2att``). At the
 COCO settings (V=9487, E=H=A=1024, 8 heads, 6 refiner layers, 2048-d features) it has 85,562,640
 parameters. Only plain nn.Embedding / nn.Linear / nn.LSTMCell / nn.LayerNorm hold weights, so
-pruning and dynamic int8 quantization see every one of them.
+pruning and dynamic int8 quantization see every one of them. ``embed_rank`` / ``tie_embeddings``
+factorise or tie the word embedding and the output layer (see ``embedding.py``); smaller widths
+and fewer refiner layers are just smaller settings.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch import nn
 from ..errors import UserError
 from . import register_decoder
 from .base import CaptionDecoder
+from .embedding import check_options, logits, make_embedding, make_output
 
 
 @dataclass
@@ -46,6 +49,9 @@ class AoANetConfig:
     att_dropout: float = 0.1         # on attention weights and refiner residuals
     aoa_dropout: float = 0.3         # on the input of the refiner's AoA gates
     ctx_drop: bool = True            # dropout on the context fed back into the LSTM
+    embed_rank: int | None = None    # factorised embedding (V+1)×k + k×E (ALBERT); None = plain (V+1)×E
+    factorize_logit: bool = True     # with embed_rank: also the output layer, H×k + k×(V+1)
+    tie_embeddings: bool = False     # output layer reuses the embedding table (+ H->width projection if needed)
 
 
 def multihead(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, drop: nn.Module) -> torch.Tensor:
@@ -123,17 +129,22 @@ class AoANet(CaptionDecoder):
         if cfg.rnn_size % cfg.num_heads or cfg.att_hid_size % cfg.num_heads:
             raise UserError(f"aoanet: rnn_size {cfg.rnn_size} and att_hid_size {cfg.att_hid_size} "
                             f"must be divisible by num_heads {cfg.num_heads}")
+        if cfg.refiner_layers < 0:
+            raise UserError(f"aoanet: refiner_layers must be >= 0, got {cfg.refiner_layers}")
+        check_options(self.name, cfg.embed_rank, cfg.factorize_logit, cfg.tie_embeddings)
         self.cfg = cfg
         self.config = {"name": self.name, **asdict(cfg)}
         self.vocab_size = cfg.vocab_size
         H = cfg.rnn_size
 
-        self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.input_encoding_size)
+        E = cfg.input_encoding_size
+        self.embed = make_embedding(cfg.vocab_size + 1, E, cfg.embed_rank)
         self.att_embed = nn.Linear(cfg.feat_dim, H)
         self.refiner = Refiner(cfg) if cfg.refiner_layers > 0 else nn.Identity()
         self.ctx2att = nn.Linear(H, 2 * cfg.att_hid_size)
         self.core = AoADecoderCore(cfg)
-        self.logit = nn.Linear(H, cfg.vocab_size + 1)
+        self.logit = make_output(H, cfg.vocab_size + 1, E, cfg.embed_rank, cfg.factorize_logit,
+                                 cfg.tie_embeddings)
         self.drop = nn.Dropout(cfg.drop_prob)
 
     def prepare(self, fc, att):
@@ -148,4 +159,4 @@ class AoANet(CaptionDecoder):
     def step(self, tokens, state, ctx):
         x = self.drop(F.relu(self.embed(tokens)))
         out, state = self.core(x, *ctx, state)
-        return F.log_softmax(self.logit(self.drop(out)), dim=1), state
+        return F.log_softmax(logits(self.logit, self.embed, self.drop(out)), dim=1), state

@@ -19,7 +19,8 @@ layer's cross-attention keys and values once; the state holds each layer's self-
 and values of the positions seen so far, [B, t, d], so one step costs O(t), not O(t^2). The
 teacher-forced ``forward`` runs the same layers over all positions at once with a causal mask.
 Only plain nn.Linear / nn.Embedding / nn.LayerNorm hold weights, so pruning and dynamic int8
-quantization see every one of them.
+quantization see every one of them. ``embed_rank`` / ``tie_embeddings`` factorise or tie the word
+embedding and the generator (see ``embedding.py``); fewer or narrower layers are just smaller settings.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from torch import nn
 from ..errors import UserError
 from . import register_decoder
 from .base import CaptionDecoder, repeat_per_row
+from .embedding import check_options, logits, make_embedding, make_output
 
 
 @dataclass
@@ -46,7 +48,9 @@ class TransformerConfig:
     dec_layers: int = 6
     dropout: float = 0.1            # on attention weights, sublayer outputs and the word embedding
     drop_prob: float = 0.5          # after the region embedding (the reference's drop_prob_lm)
-    tie_embeddings: bool = False    # generator reuses the word embedding matrix (then it has no own weight)
+    embed_rank: int | None = None   # factorised embedding (V+1)×k + k×d (ALBERT); None = plain (V+1)×d
+    factorize_logit: bool = True    # with embed_rank: also the generator, d×k + k×(V+1)
+    tie_embeddings: bool = False    # generator reuses the word embedding table (then it has no own matrix)
 
 
 def sinusoid(positions: torch.Tensor, d: int) -> torch.Tensor:
@@ -142,6 +146,7 @@ class Transformer(CaptionDecoder):
                             f"num_heads {cfg.num_heads}")
         if cfg.dec_layers < 1 or cfg.enc_layers < 0:  # the cache length is the position counter
             raise UserError("transformer: dec_layers must be >= 1 and enc_layers >= 0")
+        check_options(self.name, cfg.embed_rank, cfg.factorize_logit, cfg.tie_embeddings)
         self.cfg = cfg
         self.config = {"name": self.name, **asdict(cfg)}
         self.vocab_size = cfg.vocab_size
@@ -151,14 +156,12 @@ class Transformer(CaptionDecoder):
         self.att_drop = nn.Dropout(cfg.drop_prob)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.enc_norm = nn.LayerNorm(d)
-        self.embed = nn.Embedding(cfg.vocab_size + 1, d)
+        self.embed = make_embedding(cfg.vocab_size + 1, d, cfg.embed_rank)
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.dec_norm = nn.LayerNorm(d)
-        if cfg.tie_embeddings:  # logits = x @ embed.weight^T + bias: no second matrix to save or prune
-            self.generator_bias = nn.Parameter(torch.zeros(cfg.vocab_size + 1))
-        else:
-            self.generator = nn.Linear(d, cfg.vocab_size + 1)
+        self.generator = make_output(d, cfg.vocab_size + 1, d, cfg.embed_rank, cfg.factorize_logit,
+                                     cfg.tie_embeddings)
 
         for p in self.parameters():  # Glorot init of every matrix, as in the reference
             if p.dim() > 1:
@@ -178,12 +181,7 @@ class Transformer(CaptionDecoder):
         for i, layer in enumerate(self.decoder):
             x, k, v = layer(x, state[2 * i], state[2 * i + 1], ctx[2 * i], ctx[2 * i + 1], mask)
             new_state += [k, v]
-        x = self.dec_norm(x)
-        if self.cfg.tie_embeddings:
-            logits = F.linear(x, self.embed.weight, self.generator_bias)
-        else:
-            logits = self.generator(x)
-        return F.log_softmax(logits, dim=-1), tuple(new_state)
+        return F.log_softmax(logits(self.generator, self.embed, self.dec_norm(x)), dim=-1), tuple(new_state)
 
     # ---- the CaptionDecoder interface ----
 

@@ -14,7 +14,9 @@ p_att_i = ctx2att(att_i) are computed once per image in ``prepare``.
 
 At the COCO settings (V=9487, E=H=1000, attention 512, 2048-d features) it has 52,125,025 parameters.
 Only plain nn.Embedding / nn.Linear / nn.LSTMCell hold weights, so pruning and dynamic int8
-quantization see every one of them.
+quantization see every one of them. ``embed_rank`` / ``tie_embeddings`` factorise or tie the word
+embedding and the output layer (see ``embedding.py``); smaller E, H and attention widths are
+just smaller settings.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torch import nn
 
 from . import register_decoder
 from .base import CaptionDecoder
+from .embedding import check_options, logits, make_embedding, make_output
 
 
 @dataclass
@@ -36,6 +39,9 @@ class UpDownConfig:
     rnn_size: int = 1000            # both LSTMs' hidden size H
     att_hid_size: int = 512         # attention MLP width
     drop_prob: float = 0.5          # dropout on embeddings and on the language LSTM output
+    embed_rank: int | None = None   # factorised embedding (V+1)×k + k×E (ALBERT); None = plain (V+1)×E
+    factorize_logit: bool = True    # with embed_rank: also the output layer, H×k + k×(V+1)
+    tie_embeddings: bool = False    # output layer reuses the embedding table (+ H->width projection if needed)
 
 
 class Attention(nn.Module):
@@ -78,17 +84,19 @@ class UpDown(CaptionDecoder):
     def __init__(self, vocab_size: int = 9487, feat_dim: int = 2048, **kwargs):
         super().__init__()
         cfg = UpDownConfig(vocab_size=vocab_size, feat_dim=feat_dim, **kwargs)
+        check_options(self.name, cfg.embed_rank, cfg.factorize_logit, cfg.tie_embeddings)
         self.cfg = cfg
         self.config = {"name": self.name, **asdict(cfg)}
         self.vocab_size = cfg.vocab_size
         E, H, C = cfg.input_encoding_size, cfg.rnn_size, cfg.feat_dim
 
-        self.embed = nn.Embedding(cfg.vocab_size + 1, E)
+        self.embed = make_embedding(cfg.vocab_size + 1, E, cfg.embed_rank)
         self.fc_embed = nn.Linear(C, H)
         self.att_embed = nn.Linear(C, H)
         self.ctx2att = nn.Linear(H, cfg.att_hid_size)
         self.core = UpDownCore(cfg)
-        self.logit = nn.Linear(H, cfg.vocab_size + 1)
+        self.logit = make_output(H, cfg.vocab_size + 1, E, cfg.embed_rank, cfg.factorize_logit,
+                                 cfg.tie_embeddings)
         self.drop = nn.Dropout(cfg.drop_prob)
 
     def prepare(self, fc, att):
@@ -103,4 +111,4 @@ class UpDown(CaptionDecoder):
     def step(self, tokens, state, ctx):
         x = self.drop(F.relu(self.embed(tokens)))
         out, state = self.core(x, *ctx, state)
-        return F.log_softmax(self.logit(self.drop(out)), dim=1), state
+        return F.log_softmax(logits(self.logit, self.embed, self.drop(out)), dim=1), state

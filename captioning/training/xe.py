@@ -19,6 +19,10 @@ rebuilt from the checkpoint's own config (a ``decoder_name``/``decoder_cfg`` tha
 is a UserError rather than silently ignored), and a ``captioning.compress.prune.Pruner`` keeps
 pruned weights at zero. With a pruner, only epochs at the final sparsity may become the kept
 checkpoint, whose metadata records the sparsity measured from its weights.
+
+Knowledge distillation is an option of the same loop: with ``teacher`` (a trained decoder over
+another encoder's ``teacher_features``) the loss mixes in the word-level KL to the teacher's
+distribution; see ``captioning.training.distill``.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from ..io import load_tensors, read_json, save_tensors, write_json
 from ..models import CaptionDecoder, create_decoder, load_decoder, read_decoder_meta, save_decoder
 from ..models.search import beam_search, greedy
 from ..utils import pick_device, seed_everything, set_threads
+from .distill import Teacher, kd_loss
 from .loader import CaptionData
 
 RESUME_FORMAT = "captioning.xe-resume/1"
@@ -199,7 +204,9 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
              lr_decay_rate: float = 0.8, grad_clip: float = 0.1, seq_per_img: int = 5, beam_size: int = 1,
              max_len: int = 16, seed: int = 0, device: str = "auto", threads: int | None = None,
              log_json=None, keep_resume: bool = False, progress: bool = True,
-             init_from: str | Path | None = None, pruner: Pruner | None = None, stage: str = "xe") -> dict:
+             init_from: str | Path | None = None, pruner: Pruner | None = None, stage: str = "xe",
+             teacher: str | Path | None = None, teacher_features: str | Path | None = None,
+             kd_weight: float = 0.5, kd_temperature: float = 1.0) -> dict:
     """Train a decoder with cross-entropy; keep the best val CIDEr-D epoch at ``out_path``.
 
     Returns (and writes to ``log_json`` after every epoch) {"settings", "history", "best_epoch",
@@ -210,6 +217,10 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
     None. ``pruner``: masks applied throughout; best-epoch choice only among its target epochs.
     ``stage`` is written into the checkpoint's metadata. The settings (for resume matching) name
     the init file by its sha256, the pruner by ``describe()``.
+
+    ``teacher`` + ``teacher_features``: distil from that frozen decoder over those features (same
+    images, same order as ``features_h5``): loss = (1 - kd_weight) * XE + kd_weight * T^2 * KL with
+    T = ``kd_temperature``; history rows then also hold the epoch's mean "kd_loss".
     """
     set_threads(threads)
     device = pick_device(device)
@@ -224,6 +235,13 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
     if len(data.index("train")) == 0 or len(data.index("val")) == 0:
         raise UserError(f"{prepared_dir / 'images.json'}: needs images in both the train and val splits")
     refs_val = load_refs(prepared_dir / "refs_val.json")
+    kd = None
+    if teacher is not None or teacher_features is not None:
+        if teacher is None or teacher_features is None:
+            raise UserError("knowledge distillation needs both a teacher checkpoint and the teacher's features file")
+        if not 0 <= kd_weight <= 1 or kd_temperature <= 0:
+            raise UserError(f"kd_weight must be in [0, 1] and kd_temperature > 0, got {kd_weight} and {kd_temperature}")
+        kd = Teacher(teacher, teacher_features, data, features_h5, device)
 
     seed_everything(seed)
     if init_from is not None:
@@ -246,6 +264,9 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
         settings["init_from"] = {"sha256": file_sha256(init_from), "bytes": Path(init_from).stat().st_size}
     if pruner is not None:
         settings["pruner"] = pruner.describe()
+    if kd is not None:
+        settings["kd"] = {"teacher_sha256": file_sha256(teacher), "teacher_features": kd.fingerprint(),
+                          "kd_weight": kd_weight, "kd_temperature": kd_temperature}
 
     start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
     meta = _read_resume_meta(resume_path)
@@ -276,13 +297,18 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
             pruner.on_epoch_start(decoder, epoch)
 
         decoder.train()
-        total, n = 0.0, 0
+        total, kd_total, n = 0.0, 0.0, 0
         bar = tqdm(data.batches("train", batch_size, shuffle=True, generator=gen),
                    total=data.num_batches("train", batch_size), desc=f"{stage} epoch {epoch + 1}/{epochs}",
                    file=sys.stderr, disable=not progress, leave=False)
         for b in bar:
             seq = trim_padding(b.labels).to(device)
-            loss = sequence_loss(decoder(b.fc.to(device), b.att.to(device), seq), seq)
+            logprobs = decoder(b.fc.to(device), b.att.to(device), seq)
+            loss = sequence_loss(logprobs, seq)
+            if kd is not None:
+                kd_part = kd_loss(logprobs, kd.logprobs(b.ids, seq), seq, kd_temperature)
+                loss = (1 - kd_weight) * loss + kd_weight * kd_part
+                kd_total += kd_part.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if pruner is not None:
@@ -299,6 +325,8 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
         val_cider = cider_d(caps, refs_val, str(prepared_dir / "refs_val.json"))
         row = {"epoch": epoch + 1, "lr": cur_lr, "loss": total / max(n, 1), "val_cider": val_cider,
                "seconds": round(time.time() - t0, 3)}
+        if kd is not None:
+            row["kd_loss"] = kd_total / max(n, 1)
         sparsity = measured_sparsity(decoder) if pruner is not None else None
         if sparsity is not None:
             row["sparsity"] = sparsity["sparsity"]
@@ -318,6 +346,9 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
                 extra["init_from"] = {"path": str(init_from), **settings["init_from"]}
             if pruner is not None:
                 extra.update(sparsity, prune_method=pruner.method, prune_ratio=pruner.ratio)
+            if kd is not None:
+                extra.update(teacher={"path": str(teacher), "sha256": settings["kd"]["teacher_sha256"]},
+                             kd_weight=kd_weight, kd_temperature=kd_temperature)
             save_decoder(decoder, out_path, extra)
         _save_resume(resume_path, decoder, optimizer, {
             "settings": settings, "epoch": epoch + 1, "history": history,

@@ -98,6 +98,8 @@ def all_variants():
     for e in c["encoders"]:
         for d in config["decoders"]:
             out += [(e, d, s, q) for s in dict.fromkeys(stages) for q in c["quantization"]]
+    for e in config["scst"]["encoders"]:
+        out += [(e, d, "scst", q) for d in config["decoders"] for q in config["scst"]["quantization"]]
     return list(dict.fromkeys(out))
 
 

@@ -35,3 +35,37 @@ rule train_xe:
         "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"
         " --decoder-config {params.dec:q} --train-config {params.train:q} --seed {params.seed}"
         " --threads {threads} --device {params.device} --out {output} --log-json {log}.json > {log} 2>&1"
+
+
+rule train_scst:
+    message:
+        "Self-critical training of decoder {wildcards.dec} on encoder {wildcards.enc} features (CIDEr-D reward)"
+    input:
+        decoder=rules.train_xe.output,
+        features=rules.features.output,
+        labels=rules.prepare_captions.output.labels,
+        refs=rules.prepare_captions.output.refs_val,
+        info=rules.prepare_captions.output.info,
+    output:
+        f"{WORK}/decoders/{{enc}}/{{dec}}/scst.safetensors",
+    params:
+        cli=CAPTIONING,
+        scst=as_json({k: v for k, v in config["scst"].items() if k not in ("encoders", "quantization")}),
+        prep=lambda wc, input: os.path.dirname(input.info),
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"logs/train_scst/{DS}-{{enc}}-{{dec}}.log",
+    benchmark:
+        f"logs/benchmarks/train_scst/{DS}-{{enc}}-{{dec}}.tsv"
+    conda:
+        "../envs/captioning.yaml"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    shell:
+        "{params.cli} scst --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
+        " --scst {params.scst:q} --seed {params.seed} --threads {threads} --device {params.device}"
+        " --out {output} --log-json {log}.json > {log} 2>&1"

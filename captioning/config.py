@@ -63,10 +63,12 @@ def config_problems(config: dict) -> list[str]:
     if config.get("baseline_encoder") not in encoders:
         problems.append(f"baseline_encoder: '{config.get('baseline_encoder')}' is not one of the "
                         f"encoders ({', '.join(encoders)})")
-    for stage in ("compress", "scst"):
+    for stage in ("compress", "scst", "distill"):
         for name in config.get(stage, {}).get("encoders", []):
             if name not in encoders:
                 problems.append(f"{stage}.encoders: '{name}' is not one of the encoders ({', '.join(encoders)})")
+    if config.get("baseline_encoder") in config.get("distill", {}).get("encoders", []):
+        problems.append("distill.encoders: the baseline encoder is the teacher; list only other encoders")
     for name, enc in encoders.items():
         w = enc.get("weights", "pretrain")
         if w == "pretrain" and ds.get("kind") == "karpathy":

@@ -171,7 +171,8 @@ def test_train_xe_writes_best_model_and_log(tmp_path):
     assert meta["epoch"] == res["best_epoch"] and meta["val_cider"] == res["best_val_cider"]
     assert meta["vocab_size"] == len(WORDS) and meta["feat_dim"] == C and meta["itow"]["2"] == "dog"
     m = load_decoder(out)
-    assert m.config == {"name": "updown", "vocab_size": len(WORDS), "feat_dim": C, **TINY}
+    assert m.config == {"name": "updown", "vocab_size": len(WORDS), "feat_dim": C, **TINY,
+                        "embed_rank": None, "factorize_logit": True, "tie_embeddings": False}
     assert not (tmp_path / "m" / "xe.safetensors.resume.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["xe.json", "xe.safetensors"]  # no temp files
 

@@ -35,6 +35,7 @@ TINY = {
                  "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
                            "compare_methods": ["gradual"], "finetune": {"epochs": 2, "batch_size": 10}}},
     "scst": {"encoders": ["lite0"], "epochs": 1, "batch_size": 10, "sample_n": 2},
+    "distill": {"encoders": ["mnv3s"]},
     "evaluate": {"beam_size": 2, "latency_images": 3},
 }
 
@@ -70,7 +71,7 @@ def test_table_has_every_variant_and_column(tiny_run):
     df = pd.read_csv(tiny_run / "results/table.csv")
     assert list(df.columns) == COLUMNS
     assert sorted(df["variant"]) == sorted(
-        ["r50-updown-xe-fp32", "mnv3s-updown-xe-fp32", "lite0-updown-scst-fp32"]
+        ["r50-updown-xe-fp32", "mnv3s-updown-xe-fp32", "lite0-updown-scst-fp32", "mnv3s-updown-kd-fp32"]
         + [f"lite0-updown-{s}-{q}" for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")])
     # The pruned variants reached the ratio asked for, measured from the weights.
     pruned = df[df["prune_ratio"] > 0]
@@ -85,6 +86,7 @@ def test_table_has_every_variant_and_column(tiny_run):
     assert (df["floor_mb"] > 0).all()
     scst = df.set_index("variant").loc["lite0-updown-scst-fp32"]
     assert scst["stage"] == "scst" and scst["training"] == "scst"
+    assert df.set_index("variant").loc["mnv3s-updown-kd-fp32", "stage"] == "distill"
     assert "## updown" in (tiny_run / "results/summary.md").read_text()
     rows = df[df["stage"].isin(["baseline", "encoder"])].set_index("encoder")
     assert rows.loc["r50", "stage"] == "baseline" and rows.loc["r50", "size_reduction_pct"] == 0
@@ -123,6 +125,9 @@ def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
             "Making the weights of encoder mnv3s",
             "Extracting features of tiny with encoder mnv3s",
             "Training decoder updown on encoder mnv3s features (cross-entropy)",
+            "Distilling decoder updown on encoder mnv3s features from the baseline teacher",
+            "Packing variant mnv3s-updown-kd-fp32",
+            "Evaluating variant mnv3s-updown-kd-fp32",
             "Packing variant mnv3s-updown-xe-fp32",
             "Evaluating variant mnv3s-updown-xe-fp32",
             "Writing the results table of tiny",

@@ -26,7 +26,7 @@ wildcard_constraints:
     enc="[A-Za-z0-9_]+",
     dec="[A-Za-z0-9_]+",
     dstage="[A-Za-z0-9_.]+",
-    train="xe|scst",
+    train="xe|scst|kd",
     method="global|layerwise|gradual",
     ratio="0\\.[0-9]+",
     quant="fp32|fp16|int8",
@@ -71,7 +71,7 @@ def variant_meta(wc):
     elif wc.quant != "fp32":
         stage = "quantize"
     elif train != "xe":
-        stage = train
+        stage = {"kd": "distill"}.get(train, train)
     else:
         stage = "baseline" if wc.enc == config["baseline_encoder"] else "encoder"
     return {
@@ -98,6 +98,8 @@ def all_variants():
     for e in c["encoders"]:
         for d in config["decoders"]:
             out += [(e, d, s, q) for s in dict.fromkeys(stages) for q in c["quantization"]]
+    for e in config["distill"]["encoders"]:
+        out += [(e, d, "kd", "fp32") for d in config["decoders"]]
     for e in config["scst"]["encoders"]:
         out += [(e, d, "scst", q) for d in config["decoders"] for q in config["scst"]["quantization"]]
     return list(dict.fromkeys(out))

@@ -69,3 +69,44 @@ rule train_scst:
         "{params.cli} scst --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
         " --scst {params.scst:q} --seed {params.seed} --threads {threads} --device {params.device}"
         " --out {output} --log-json {log}.json > {log} 2>&1"
+
+
+rule train_kd:
+    message:
+        "Distilling decoder {wildcards.dec} on encoder {wildcards.enc} features from the baseline teacher"
+    input:
+        teacher=f"{WORK}/decoders/{config['baseline_encoder']}/{{dec}}/xe.safetensors",
+        teacher_features=f"{WORK}/features/{config['baseline_encoder']}.h5",
+        features=rules.features.output,
+        labels=rules.prepare_captions.output.labels,
+        refs=rules.prepare_captions.output.refs_val,
+        info=rules.prepare_captions.output.info,
+    output:
+        f"{WORK}/decoders/{{enc}}/{{dec}}/kd.safetensors",
+    params:
+        cli=CAPTIONING,
+        arch=lambda wc: decoder_cfg(wc)["arch"],
+        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k != "arch"}),
+        train=lambda wc, input: as_json({
+            **{k: v for k, v in config["train"].items() if k != "threads"},
+            "teacher": input.teacher, "teacher_features": input.teacher_features,
+            "kd_weight": config["distill"]["kd_weight"], "kd_temperature": config["distill"]["temperature"],
+        }),
+        prep=lambda wc, input: os.path.dirname(input.info),
+        seed=config["seed"],
+        device=config["device"],
+    log:
+        f"logs/train_kd/{DS}-{{enc}}-{{dec}}.log",
+    benchmark:
+        f"logs/benchmarks/train_kd/{DS}-{{enc}}-{{dec}}.tsv"
+    conda:
+        "../envs/captioning.yaml"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    shell:
+        "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"
+        " --decoder-config {params.dec:q} --train-config {params.train:q} --seed {params.seed}"
+        " --threads {threads} --device {params.device} --out {output} --log-json {log}.json > {log} 2>&1"

@@ -67,6 +67,12 @@ def config_problems(config: dict) -> list[str]:
         for name in config.get(stage, {}).get("encoders", []):
             if name not in encoders:
                 problems.append(f"{stage}.encoders: '{name}' is not one of the encoders ({', '.join(encoders)})")
+    decoders = config.get("decoders", {})
+    for name, dec in decoders.items():
+        parent = dec.get("variant_of")
+        if parent is not None and (parent not in decoders or "variant_of" in decoders[parent]):
+            problems.append(f"decoders.{name}.variant_of: '{parent}' must be another decoders entry that is "
+                            "not itself a variant")
     if config.get("baseline_encoder") in config.get("distill", {}).get("encoders", []):
         problems.append("distill.encoders: the baseline encoder is the teacher; list only other encoders")
     for name, enc in encoders.items():

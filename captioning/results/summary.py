@@ -21,7 +21,7 @@ def summary_markdown(df: pd.DataFrame) -> str:
              "Size reduction is of the whole model on disk (encoder + decoder + vocabulary, the `.capz` "
              "artifact), against each decoder's baseline: the big encoder with the dense fp32 decoder. "
              "The paper (Atliha & Šešok 2022) reached at least 91% at no more than 2% CIDEr loss.", ""]
-    for dec, g in df.groupby("decoder", sort=True):
+    for dec, g in df.groupby("family", sort=True):
         base = g[g["stage"] == "baseline"]
         lines.append(f"## {dec}")
         lines.append("")

@@ -8,7 +8,7 @@ import pandas as pd
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_text
 
-ID_COLS = ["variant", "dataset", "encoder", "decoder", "stage", "training", "prune_method", "prune_ratio",
+ID_COLS = ["variant", "dataset", "encoder", "decoder", "family", "stage", "training", "prune_method", "prune_ratio",
            "sparsity", "quantization"]
 SIZE_COLS = ["params", "nonzero_params", "size_mb", "floor_mb", "size_reduction_pct"]
 QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
@@ -18,23 +18,24 @@ COLUMNS = ID_COLS + SIZE_COLS + QUALITY_COLS + ["latency_ms"]
 
 def build_table(metric_files, baselines: list[str]) -> pd.DataFrame:
     """One row per variant. Size reduction and CIDEr change are against the baseline of the
-    row's decoder (the big encoder with the dense fp32 decoder), as in the paper."""
+    row's decoder family (the big encoder with the dense fp32 decoder), as in the paper."""
     rows = [read_json(f) for f in metric_files]
     df = pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
+    df["family"] = df["family"].fillna(df["decoder"])
     base = {}
     for name in baselines:
         hit = df.loc[df["variant"] == name]
         if hit.empty:
             raise UserError(f"baseline variant '{name}' is not among the evaluated variants")
-        base[hit.iloc[0]["decoder"]] = hit.iloc[0]
-    missing = set(df["decoder"]) - set(base)
+        base[hit.iloc[0]["family"]] = hit.iloc[0]
+    missing = set(df["family"]) - set(base)
     if missing:
         raise UserError(f"no baseline variant given for decoder(s) {sorted(missing)}")
-    base_size = df["decoder"].map(lambda d: base[d]["size_mb"])
-    base_cider = df["decoder"].map(lambda d: base[d]["CIDEr"])
+    base_size = df["family"].map(lambda d: base[d]["size_mb"])
+    base_cider = df["family"].map(lambda d: base[d]["CIDEr"])
     df["size_reduction_pct"] = (1.0 - df["size_mb"] / base_size) * 100.0
     df["cider_change_pct"] = (df["CIDEr"] / base_cider - 1.0) * 100.0
     df = df[COLUMNS].sort_values(["decoder", "stage", "encoder", "variant"], kind="stable")

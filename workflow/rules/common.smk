@@ -72,6 +72,8 @@ def variant_meta(wc):
         stage = "quantize"
     elif train != "xe":
         stage = {"kd": "distill"}.get(train, train)
+    elif "variant_of" in config["decoders"][wc.dec]:
+        stage = "architecture"
     else:
         stage = "baseline" if wc.enc == config["baseline_encoder"] else "encoder"
     return {
@@ -79,6 +81,7 @@ def variant_meta(wc):
         "dataset": DS,
         "encoder": wc.enc,
         "decoder": wc.dec,
+        "family": decoder_family(wc.dec),
         "stage": stage,
         "training": train,
         "prune_method": method,
@@ -87,12 +90,20 @@ def variant_meta(wc):
     }
 
 
+def decoder_family(dec):
+    """The decoder whose baseline a decoder's rows are compared with (itself, or what it is a variant of)."""
+    return config["decoders"][dec].get("variant_of", dec)
+
+
 def all_variants():
     """(enc, dec, dstage, quant) of every table row: baseline and encoder replacement for every
     encoder, then for the compress.encoders every quantization of the dense and pruned decoders."""
     c = config["compress"]
     p = c["prune"]
-    out = [(e, d, "xe", "fp32") for d in config["decoders"] for e in config["encoders"]]
+    # Baseline and encoder replacement for every decoder; an architecture variant needs no big-encoder row
+    # of its own (it is compared with its family's baseline).
+    out = [(e, d, "xe", "fp32") for d in config["decoders"] for e in config["encoders"]
+           if not ("variant_of" in config["decoders"][d] and e == config["baseline_encoder"])]
     stages = ["xe"] + [dstage_name("xe", p["method"], r) for r in p["ratios"]]
     stages += [dstage_name("xe", m, p["compare_ratio"]) for m in p["compare_methods"]]
     for e in c["encoders"]:
@@ -110,7 +121,8 @@ def all_metrics():
 
 
 def baseline_variants():
-    return [variant_name(config["baseline_encoder"], d, "xe", "fp32") for d in config["decoders"]]
+    families = dict.fromkeys(decoder_family(d) for d in config["decoders"])
+    return [variant_name(config["baseline_encoder"], d, "xe", "fp32") for d in families]
 
 
 def dataset_json():

@@ -15,7 +15,7 @@ rule train_xe:
     params:
         cli=CAPTIONING,
         arch=lambda wc: decoder_cfg(wc)["arch"],
-        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k != "arch"}),
+        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k not in ("arch", "variant_of")}),
         train=as_json({k: v for k, v in config["train"].items() if k != "threads"}),
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
@@ -86,7 +86,7 @@ rule train_kd:
     params:
         cli=CAPTIONING,
         arch=lambda wc: decoder_cfg(wc)["arch"],
-        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k != "arch"}),
+        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k not in ("arch", "variant_of")}),
         train=lambda wc, input: as_json({
             **{k: v for k, v in config["train"].items() if k != "threads"},
             "teacher": input.teacher, "teacher_features": input.teacher_features,

@@ -92,3 +92,67 @@ def test_bad_artifact_is_one_line(tmp_path, capsys):
     assert main(["caption", str(COCO_IMAGES[0]), "--model", str(fake)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"captioning caption: error: {fake}: not a captioning artifact (.capz)"
+
+
+def _one_line_error(capsys, argv, *expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for e in expected:
+        assert e in err, err
+
+
+def test_unknown_encoder_is_one_line(tmp_path, capsys):
+    _one_line_error(capsys, ["encoder", "--timm-name", "resnet9000", "--weights", "random",
+                             "--out", str(tmp_path / "e.safetensors")], "unknown encoder 'resnet9000'")
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_pickled_weights_are_refused_not_loaded(tmp_path, capsys):
+    import pickle
+
+    bad = tmp_path / "w.pth"
+    bad.write_bytes(pickle.dumps({"conv_stem.weight": __import__("os").getcwd}))  # an arbitrary callable
+    _one_line_error(capsys, ["encoder", "--timm-name", "mobilenetv3_small_050", "--weights", str(bad),
+                             "--out", str(tmp_path / "e.safetensors")], str(bad), "refused")
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_mismatched_weights_are_one_line(tmp_path, capsys):
+    from captioning.io import save_tensors
+    import torch
+
+    bad = tmp_path / "w.safetensors"
+    save_tensors(bad, {"not.a.key": torch.zeros(3)})
+    _one_line_error(capsys, ["encoder", "--timm-name", "mobilenetv3_small_050", "--weights", str(bad),
+                             "--out", str(tmp_path / "e.safetensors")], str(bad))
+
+
+def test_karpathy_json_missing_field_is_one_line(tmp_path, capsys):
+    data = json.loads((COCO5 / "dataset_coco_testing.json").read_text())
+    del data["images"][2]["sentences"]
+    bad = tmp_path / "dataset_coco.json"
+    bad.write_text(json.dumps(data))
+    _one_line_error(capsys, ["prepare", "--dataset-json", str(bad), "--image-root", str(COCO5),
+                             "--out", str(tmp_path / "prep")], str(bad), "image 2", "sentences")
+    assert not (tmp_path / "prep" / "labels.h5").exists()
+
+
+def test_empty_and_very_long_captions_are_handled(tmp_path):
+    """An empty caption is dropped with a warning; a very long one is truncated to max_length."""
+    import h5py
+
+    data = json.loads((COCO5 / "dataset_coco_testing.json").read_text())
+    sents = data["images"][0]["sentences"]
+    sents[0]["tokens"], sents[0]["raw"] = [], ""
+    sents[1]["tokens"] = ["word"] * 500
+    sents[1]["raw"] = " ".join(sents[1]["tokens"])
+    src = tmp_path / "dataset_coco.json"
+    src.write_text(json.dumps(data))
+    with pytest.warns(UserWarning):
+        assert main(["prepare", "--dataset-json", str(src), "--image-root", str(COCO5), "--out",
+                     str(tmp_path / "prep"), "--word-count-threshold", "0", "--max-length", "16"]) == 0
+    with h5py.File(tmp_path / "prep" / "labels.h5") as f:
+        assert f["labels"].shape[1] == 16
+        assert f["label_length"][:].max() == 16
+        assert len(f["labels"]) == sum(len(im["sentences"]) for im in data["images"]) - 1

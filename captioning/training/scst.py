@@ -21,11 +21,14 @@ truncated and UNK-ed exactly as the model's own words). Captions are compared as
 without an end-token symbol.
 
 Everything else follows ``captioning.training.xe``: Adam at a constant ``lr``, gradients clipped
-by value, greedy val CIDEr-D after each epoch, the best epoch saved with ``save_decoder``, a
-settings-matched resume file ``<out_path>.resume.safetensors`` re-seeded per (seed, epoch) so an
-interrupted run ends with the same weights. With ``keep_zeros`` (default) every parameter entry
-that is exactly zero in the starting checkpoint (a pruned model's pruned weights) gets no
-gradient and is re-zeroed after every step, so SCST cannot undo pruning.
+by value, greedy val CIDEr-D after each epoch, the best epoch saved with ``save_decoder``, and the
+same kill-safety: the best epoch so far and a settings-matched resume file live in undeclared
+siblings of ``out_path`` (``xe.run_files``), epochs are re-seeded per (seed, epoch) so an
+interrupted run ends with the same weights, and ``out_path`` is written only at the end.
+
+With ``keep_zeros`` (default) every parameter entry that is exactly zero in the starting
+checkpoint (a pruned model's pruned weights) gets no gradient and is re-zeroed after every step,
+so SCST cannot undo pruning.
 """
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ from ..models import read_decoder_meta, save_decoder
 from ..models.search import greedy, sample
 from ..utils import pick_device, seed_everything, set_threads
 from .loader import CaptionData
-from .xe import (RESUME_FORMAT, _decoder_from_checkpoint, _load_resume, _read_resume_meta, _save_resume,
-                 cider_d, file_sha256, generate_captions, load_refs)
+from .xe import (_decoder_from_checkpoint, _finish, _load_resume, _read_resume_meta, _resume_problem, _save_resume,
+                 cider_d, file_sha256, generate_captions, load_refs, run_files)
 
 BASELINES = ("greedy", "mean")
 
@@ -101,12 +104,13 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
                lr: float = 2e-5, sample_n: int = 5, baseline: str = "greedy", max_len: int = 16, seed: int = 0,
                device: str = "auto", threads: int | None = None, log_json=None, grad_clip: float = 0.1,
                keep_zeros: bool = True, keep_resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune the decoder at ``init_from`` with SCST; keep the best val CIDEr-D epoch at ``out_path``.
+    """Fine-tune the decoder at ``init_from`` with SCST; write its best val CIDEr-D epoch to ``out_path``.
 
     Returns (and writes to ``log_json`` after every epoch) {"settings", "history", "best_epoch",
     "best_val_cider", "init_val_cider", "out_path"}; history rows are {"epoch" (1-based), "lr",
     "loss", "reward" (mean sampled reward), "baseline" (mean baseline), "val_cider", "seconds"}.
     ``init_val_cider`` is the starting checkpoint's own recorded val score, if any.
+    ``keep_resume``: keep the resume and best files (``xe.run_files``) after the end.
     """
     if baseline not in BASELINES:
         raise UserError(f"unknown SCST baseline {baseline!r}; known: {', '.join(BASELINES)}")
@@ -116,7 +120,7 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
     set_threads(threads)
     device = pick_device(device)
     out_path, prepared_dir = Path(out_path), Path(prepared_dir)
-    resume_path = Path(str(out_path) + ".resume.safetensors")
+    resume_path, best_path = run_files(out_path)
 
     data = CaptionData(features_h5, prepared_dir, seq_per_img=1)
     if len(data.index("train")) == 0 or len(data.index("val")) == 0:
@@ -139,10 +143,9 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
     start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
     meta = _read_resume_meta(resume_path)
     if meta is not None:
-        if meta.get("format") != RESUME_FORMAT or meta.get("settings") != settings:
-            print(f"scst: ignoring {resume_path} (made with other settings); starting over", file=sys.stderr)
-        elif meta.get("best_epoch") and not out_path.is_file():
-            print(f"scst: ignoring {resume_path} ({out_path} is gone); starting over", file=sys.stderr)
+        problem = _resume_problem(meta, settings, best_path)
+        if problem:
+            print(f"scst: ignoring {resume_path} ({problem}); starting over", file=sys.stderr)
         else:
             meta = _load_resume(resume_path, decoder, optimizer)
             start, history = int(meta["epoch"]), list(meta["history"])
@@ -210,7 +213,7 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
                          init_val_cider=init_meta.get("val_cider"), init_from={"path": str(init_from), **init})
             if "sparsity" in init_meta:
                 extra.update(measured_sparsity(decoder))
-            save_decoder(decoder, out_path, extra)
+            save_decoder(decoder, best_path, extra)
         _save_resume(resume_path, decoder, optimizer, {
             "settings": settings, "epoch": epoch + 1, "history": history,
             "best_val_cider": best_cider, "best_epoch": best_epoch,
@@ -218,8 +221,7 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
         if log_json:
             write_json(log_json, report())
 
+    _finish(out_path, best_epoch, keep_resume)
     if log_json:
         write_json(log_json, report())
-    if not keep_resume and resume_path.exists():
-        resume_path.unlink()
     return report()

@@ -7,12 +7,16 @@ split scored with CIDEr-D. The best epoch by val CIDEr-D is saved with ``save_de
 Learning rate: ``lr * lr_decay_rate ** (epoch // lr_decay_every)`` (0-based epochs), the
 reference's step decay.
 
-Kill-safety: after every epoch a resume file ``<out_path>.resume.safetensors`` holds the model,
-Adam's state, the epoch, the best score and the history. A new call with the same settings
-continues from it and gives the same weights as an uninterrupted run, because all randomness
-of an epoch (shuffling, caption choice, dropout) is re-seeded from (seed, epoch) rather than
-carried over. ``epochs`` is not part of the settings, so a finished run kept with
-``keep_resume=True`` can also be extended.
+Kill-safety: ``out_path`` is written once, when training ends, because Snakemake deletes the
+declared output of a killed job before rerunning it, and because a file there mid-run would look
+done. Until then two undeclared siblings hold the run (see ``run_files``): after every epoch
+``<out_path>.resume.safetensors`` gets the model, Adam's state, the epoch, the best score and the
+history, and ``<out_path>.best.safetensors`` the best epoch so far. A new call with the same
+settings continues from them and gives the same weights as an uninterrupted run, because all
+randomness of an epoch (shuffling, caption choice, dropout) is re-seeded from (seed, epoch)
+rather than carried over. At the end the best file is copied to ``out_path`` and both siblings
+are deleted; ``keep_resume=True`` keeps them, and since ``epochs`` is not part of the settings,
+such a finished run can also be extended.
 
 Fine-tuning (e.g. after pruning) is the same loop: ``init_from`` starts from a saved decoder,
 rebuilt from the checkpoint's own config (a ``decoder_name``/``decoder_cfg`` that contradicts it
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +43,7 @@ from tqdm import tqdm
 
 from ..compress.prune import Pruner, measured_sparsity
 from ..errors import UserError
-from ..io import load_tensors, read_json, save_tensors, write_json
+from ..io import atomic_path, load_tensors, read_json, save_tensors, write_json
 from ..models import CaptionDecoder, create_decoder, load_decoder, read_decoder_meta, save_decoder
 from ..models.search import beam_search, greedy
 from ..utils import pick_device, seed_everything, set_threads
@@ -167,6 +172,48 @@ def _read_resume_meta(path: Path) -> dict | None:
         return None  # a damaged resume file is ignored, training starts over
 
 
+# ---- kill-safe outputs: the run lives in undeclared siblings until it ends -------------------
+
+def run_files(out_path) -> tuple[Path, Path]:
+    """(resume file, best-so-far checkpoint): the siblings of ``out_path`` that hold an unfinished run."""
+    return Path(f"{out_path}.resume.safetensors"), Path(f"{out_path}.best.safetensors")
+
+
+def _resume_problem(meta: dict, settings: dict, best_path: Path) -> str | None:
+    """Why a resume file cannot be continued from, or None when it can.
+
+    Besides the settings, the best checkpoint it names must still be there: a kill between
+    writing the best file and the resume file leaves them one epoch apart, so the epochs must agree.
+    """
+    if meta.get("format") != RESUME_FORMAT or meta.get("settings") != settings:
+        return "made with other settings"
+    best_epoch = int(meta.get("best_epoch") or 0)
+    if best_epoch:
+        if not best_path.is_file():
+            return f"{best_path} is gone"
+        try:
+            held = read_decoder_meta(best_path).get("epoch")
+        except UserError:
+            held = None
+        if held != best_epoch:
+            return f"{best_path} holds epoch {held}, not the best epoch {best_epoch}"
+    return None
+
+
+def _finish(out_path: Path, best_epoch: int, keep_resume: bool) -> None:
+    """Publish the best checkpoint at ``out_path`` (atomically), then drop the run files unless kept.
+
+    Copy, not move: if a kill comes before the resume file is gone, the rerun still finds both.
+    """
+    resume_path, best_path = run_files(out_path)
+    if best_epoch:
+        with atomic_path(out_path) as tmp:
+            shutil.copyfile(best_path, tmp)
+    if not keep_resume:
+        resume_path.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
+
+
 # ---- starting from a saved decoder -------------------------------------------------------------
 
 def file_sha256(path) -> str:
@@ -207,7 +254,7 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
              init_from: str | Path | None = None, pruner: Pruner | None = None, stage: str = "xe",
              teacher: str | Path | None = None, teacher_features: str | Path | None = None,
              kd_weight: float = 0.5, kd_temperature: float = 1.0) -> dict:
-    """Train a decoder with cross-entropy; keep the best val CIDEr-D epoch at ``out_path``.
+    """Train a decoder with cross-entropy; write the best val CIDEr-D epoch to ``out_path`` at the end.
 
     Returns (and writes to ``log_json`` after every epoch) {"settings", "history", "best_epoch",
     "best_val_cider", "out_path"}; history rows are {"epoch" (1-based), "lr", "loss", "val_cider",
@@ -221,11 +268,14 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
     ``teacher`` + ``teacher_features``: distil from that frozen decoder over those features (same
     images, same order as ``features_h5``): loss = (1 - kd_weight) * XE + kd_weight * T^2 * KL with
     T = ``kd_temperature``; history rows then also hold the epoch's mean "kd_loss".
+
+    ``out_path`` is not written when no epoch was eligible (a pruner that never reached its target).
+    ``keep_resume``: keep the resume and best files (see ``run_files``) after the end.
     """
     set_threads(threads)
     device = pick_device(device)
     out_path, prepared_dir = Path(out_path), Path(prepared_dir)
-    resume_path = Path(str(out_path) + ".resume.safetensors")
+    resume_path, best_path = run_files(out_path)
     decoder_cfg = dict(decoder_cfg or {})
     clash = sorted({"name", "vocab_size", "feat_dim"} & set(decoder_cfg))
     if clash:
@@ -271,10 +321,9 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
     start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
     meta = _read_resume_meta(resume_path)
     if meta is not None:
-        if meta.get("format") != RESUME_FORMAT or meta.get("settings") != settings:
-            print(f"xe: ignoring {resume_path} (made with other settings); starting over", file=sys.stderr)
-        elif meta.get("best_epoch") and not out_path.is_file():
-            print(f"xe: ignoring {resume_path} ({out_path} is gone); starting over", file=sys.stderr)
+        problem = _resume_problem(meta, settings, best_path)
+        if problem:
+            print(f"xe: ignoring {resume_path} ({problem}); starting over", file=sys.stderr)
         else:
             meta = _load_resume(resume_path, decoder, optimizer, pruner)
             start, history = int(meta["epoch"]), list(meta["history"])
@@ -349,7 +398,7 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
             if kd is not None:
                 extra.update(teacher={"path": str(teacher), "sha256": settings["kd"]["teacher_sha256"]},
                              kd_weight=kd_weight, kd_temperature=kd_temperature)
-            save_decoder(decoder, out_path, extra)
+            save_decoder(decoder, best_path, extra)
         _save_resume(resume_path, decoder, optimizer, {
             "settings": settings, "epoch": epoch + 1, "history": history,
             "best_val_cider": best_cider, "best_epoch": best_epoch,
@@ -357,8 +406,7 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
         if log_json:
             write_json(log_json, report())
 
+    _finish(out_path, best_epoch, keep_resume)
     if log_json:
         write_json(log_json, report())
-    if not keep_resume and resume_path.exists():
-        resume_path.unlink()
     return report()

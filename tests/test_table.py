@@ -69,3 +69,14 @@ def test_summary_picks_largest_reduction_within_budget(tmp_path):
     assert best_within(ud, 1.0)["variant"] == "big-ud-xe"
     text = summary_markdown(df)
     assert "| 2% | `small-ud-p9` | 2.00 | 98.0% |" in text
+
+
+def test_summary_also_judges_against_the_same_encoders_dense_model(tmp_path):
+    from captioning.results.summary import summary_markdown
+
+    rows = [dict(r, stage="baseline" if r["encoder"] == "big" else "encoder", quantization="fp32") for r in ROWS]
+    rows.append({"variant": "small-ud-int8", "encoder": "small", "decoder": "ud", "stage": "quantize",
+                 "quantization": "int8", "size_mb": 3.0, "CIDEr": 0.89, "latency_ms": 1.0})
+    text = summary_markdown(build_table(_metrics(tmp_path, rows), ["big-ud-xe", "big-tf-xe"]))
+    assert "Against the dense fp32 model with the same encoder, `small-ud-xe`" in text
+    assert "| 2% | `small-ud-int8` | 3.00 | 97.0% | 0.8900 | -1.11% |" in text

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..models import load_decoder, read_decoder_meta
-from .loader import CaptionData, _read_h5
+from .loader import CaptionData, _read_h5, to_device
 
 
 def token_mask(seq: torch.Tensor) -> torch.Tensor:
@@ -57,11 +57,12 @@ class Teacher:
     """A frozen decoder plus its own features of the training images: ``logprobs(ids, seq)`` gives its targets.
 
     ``student_features`` only names the student's features file in error messages; the student's
-    image ids come from ``data``.
+    image ids come from ``data``. ``pin_memory``: as in ``loader.to_device`` (CUDA only).
     """
 
     def __init__(self, checkpoint: str | Path, features_h5: str | Path, data: CaptionData,
-                 student_features: str | Path = "the student's features", device: str = "cpu"):
+                 student_features: str | Path = "the student's features", device: str = "cpu",
+                 pin_memory: bool = False):
         checkpoint, features_h5 = Path(checkpoint), Path(features_h5)
         feats = _read_h5(features_h5, ("ids", "fc", "att"))
         ids = feats["ids"].astype(np.int64)
@@ -86,7 +87,7 @@ class Teacher:
         if cfg["feat_dim"] != self.fc.shape[1]:
             raise UserError(f"{checkpoint}: teacher expects {cfg['feat_dim']}-d features, "
                             f"{features_h5} holds {self.fc.shape[1]}-d")
-        self.device = device
+        self.device, self.pin_memory = device, pin_memory
 
     def fingerprint(self) -> str:
         """A short hash of the teacher's pooled features: tells a resume file made with other ones."""
@@ -96,5 +97,6 @@ class Teacher:
     def logprobs(self, ids: list[int], seq: torch.Tensor) -> torch.Tensor:
         """Teacher-forced log-probabilities [R, T+1, V+1] for a batch's image ids and its captions ``seq``."""
         r = torch.tensor([self.row[int(i)] for i in ids])
-        fc, att = self.fc[r].float().to(self.device), self.att[r].float().to(self.device)
+        fc = to_device(self.fc[r].float(), self.device, self.pin_memory)
+        att = to_device(self.att[r].float(), self.device, self.pin_memory)
         return self.decoder(fc, att, seq.to(self.device))

@@ -11,11 +11,12 @@ The datasets this project trains on are small (thousands of images), so everythi
 once: features stay float16 in memory and become float32 one batch at a time. As in the
 reference loader, each image contributes ``seq_per_img`` captions to a batch (a random
 contiguous window of its captions, or a draw with replacement when it has fewer), and
-Karpathy's "restval" images count as training images.
+Karpathy's "restval" images count as training images. ``to_device`` moves a batch to the
+training device, through pinned memory on request.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +35,22 @@ class Batch:
     fc: torch.Tensor         # [B, C] float32
     att: torch.Tensor        # [B, HW, C] float32
     labels: torch.Tensor     # [B * seq_per_img, L] long, 0-padded; rows i*k .. i*k+k-1 are image i's
+
+
+def to_device(x: Batch | torch.Tensor, device: str | torch.device, pin_memory: bool = False):
+    """A tensor, or a ``Batch`` with its tensors, on ``device``: the one place batches cross to it.
+
+    ``pin_memory`` matters only for a CUDA device: each host tensor is first copied into
+    page-locked memory, from which the copy to the GPU runs asynchronously (``non_blocking``)
+    while the host prepares the next step. On any other device it is a no-op (a CPU tensor
+    stays the very same tensor): there is no transfer to speed up, and pinning needs CUDA.
+    """
+    if isinstance(x, Batch):
+        return replace(x, fc=to_device(x.fc, device, pin_memory), att=to_device(x.att, device, pin_memory),
+                       labels=to_device(x.labels, device, pin_memory))
+    if pin_memory and torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

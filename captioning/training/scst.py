@@ -26,6 +26,9 @@ same kill-safety: the best epoch so far and a settings-matched resume file live 
 siblings of ``out_path`` (``xe.run_files``), epochs are re-seeded per (seed, epoch) so an
 interrupted run ends with the same weights, and ``out_path`` is written only at the end.
 
+``amp`` and ``pin_memory`` are the GPU options of ``captioning.training.xe`` (CUDA only; the
+greedy baseline and the sampling run under autocast, the reward-weighted loss in fp32).
+
 With ``keep_zeros`` (default) every parameter entry that is exactly zero in the starting
 checkpoint (a pruned model's pruned weights) gets no gradient and is re-zeroed after every step,
 so SCST cannot undo pruning.
@@ -47,9 +50,9 @@ from ..io import write_json
 from ..models import read_decoder_meta, save_decoder
 from ..models.search import greedy, sample
 from ..utils import pick_device, seed_everything, set_threads
-from .loader import CaptionData
-from .xe import (_decoder_from_checkpoint, _finish, _load_resume, _read_resume_meta, _resume_problem, _save_resume,
-                 cider_d, file_sha256, generate_captions, load_refs, run_files)
+from .loader import CaptionData, to_device
+from .xe import (MixedPrecision, _decoder_from_checkpoint, _finish, _load_resume, _read_resume_meta, _resume_problem,
+                 _save_resume, cider_d, file_sha256, generate_captions, load_refs, optimizer_step, run_files)
 
 BASELINES = ("greedy", "mean")
 
@@ -103,7 +106,8 @@ def _apply_masks(decoder: torch.nn.Module, masks: dict[str, torch.Tensor], grads
 def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, batch_size: int = 50,
                lr: float = 2e-5, sample_n: int = 5, baseline: str = "greedy", max_len: int = 16, seed: int = 0,
                device: str = "auto", threads: int | None = None, log_json=None, grad_clip: float = 0.1,
-               keep_zeros: bool = True, keep_resume: bool = False, progress: bool = True) -> dict:
+               keep_zeros: bool = True, keep_resume: bool = False, progress: bool = True, amp: bool = False,
+               pin_memory: bool = False) -> dict:
     """Fine-tune the decoder at ``init_from`` with SCST; write its best val CIDEr-D epoch to ``out_path``.
 
     Returns (and writes to ``log_json`` after every epoch) {"settings", "history", "best_epoch",
@@ -111,6 +115,8 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
     "loss", "reward" (mean sampled reward), "baseline" (mean baseline), "val_cider", "seconds"}.
     ``init_val_cider`` is the starting checkpoint's own recorded val score, if any.
     ``keep_resume``: keep the resume and best files (``xe.run_files``) after the end.
+    ``amp``, ``pin_memory``: as in ``train_xe`` (no-ops on a CPU; set, they enter the settings and
+    the checkpoint's metadata).
     """
     if baseline not in BASELINES:
         raise UserError(f"unknown SCST baseline {baseline!r}; known: {', '.join(BASELINES)}")
@@ -133,12 +139,15 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
     decoder = _decoder_from_checkpoint(init_from, None, {}, data, device)
     masks = zero_masks(decoder) if keep_zeros else {}
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+    mp = MixedPrecision(amp, device, "scst")
     init = {"sha256": file_sha256(init_from), "bytes": Path(init_from).stat().st_size}
     settings = {
         "stage": "scst", "decoder": decoder.config, "init_from": init, "batch_size": batch_size, "lr": lr,
         "sample_n": sample_n, "baseline": baseline, "max_len": max_len, "seed": seed, "grad_clip": grad_clip,
         "grad_clip_mode": "value", "keep_zeros": keep_zeros, "data": data.fingerprint(),
     }
+    gpu_options = {k: True for k, v in (("amp", amp), ("pin_memory", pin_memory)) if v}
+    settings.update(gpu_options)  # only when set, so existing resume files keep matching
 
     start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
     meta = _read_resume_meta(resume_path)
@@ -148,6 +157,7 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
             print(f"scst: ignoring {resume_path} ({problem}); starting over", file=sys.stderr)
         else:
             meta = _load_resume(resume_path, decoder, optimizer)
+            mp.load_state(meta.get("amp_scaler"), resume_path)
             start, history = int(meta["epoch"]), list(meta["history"])
             best_cider, best_epoch = float(meta["best_val_cider"]), int(meta["best_epoch"])
             print(f"scst: resuming {out_path} after epoch {start}", file=sys.stderr)
@@ -171,34 +181,32 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
                    total=data.num_batches("train", batch_size), desc=f"scst epoch {epoch + 1}/{epochs}",
                    file=sys.stderr, disable=not progress, leave=False)
         for b in bar:
-            fc, att = b.fc.to(device), b.att.to(device)
+            b = to_device(b, device, pin_memory)
+            fc, att = b.fc, b.att
             ids = np.repeat(b.ids, sample_n).tolist()
             if baseline == "greedy":
                 decoder.eval()
-                with torch.no_grad():
+                with torch.no_grad(), mp.autocast():
                     best_guess = data.decode(greedy(decoder, fc, att, max_len).cpu())
                 decoder.train()
                 base = np.repeat(scorer.scores(b.ids, best_guess), sample_n)
-            seq, logprobs = sample(decoder, fc, att, sample_n, max_len=max_len, generator=sampler)
+            with mp.autocast():
+                seq, logprobs = sample(decoder, fc, att, sample_n, max_len=max_len, generator=sampler)
+            logprobs = logprobs.float()
             reward = scorer.scores(ids, data.decode(seq.cpu()))
             if baseline == "mean":
                 base = leave_one_out_mean(reward, sample_n)
 
             loss = scst_loss(logprobs, torch.from_numpy(reward).to(logprobs),
                              torch.from_numpy(base).to(logprobs))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _apply_masks(decoder, masks, grads=True)
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_value_(decoder.parameters(), grad_clip)
-            optimizer.step()
-            _apply_masks(decoder, masks, grads=False)
+            optimizer_step(loss, decoder, optimizer, mp.scaler, grad_clip,
+                           lambda d: _apply_masks(d, masks, grads=True), lambda d: _apply_masks(d, masks, grads=False))
 
             sums += (loss.item(), reward.mean(), base.mean())
             n_batches += 1
             bar.set_postfix(reward=f"{sums[1] / n_batches:.3f}", baseline=f"{sums[2] / n_batches:.3f}")
 
-        caps = generate_captions(decoder, data, "val", 1, max_len, batch_size, device, progress)
+        caps = generate_captions(decoder, data, "val", 1, max_len, batch_size, device, progress, pin_memory)
         val_cider = cider_d(caps, refs_val, str(prepared_dir / "refs_val.json"))
         loss_m, reward_m, base_m = (float(x) for x in sums / max(n_batches, 1))
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_m, "reward": reward_m, "baseline": base_m,
@@ -208,7 +216,8 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
 
         if val_cider > best_cider:
             best_cider, best_epoch = val_cider, epoch + 1
-            extra = {k: v for k, v in init_meta.items() if k not in ("format", "config")}
+            extra = {k: v for k, v in init_meta.items() if k not in ("format", "config", "amp", "pin_memory")}
+            extra.update(gpu_options)
             extra.update(stage="scst", baseline=baseline, sample_n=sample_n, epoch=epoch + 1, val_cider=val_cider,
                          init_val_cider=init_meta.get("val_cider"), init_from={"path": str(init_from), **init})
             if "sparsity" in init_meta:
@@ -217,6 +226,7 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
         _save_resume(resume_path, decoder, optimizer, {
             "settings": settings, "epoch": epoch + 1, "history": history,
             "best_val_cider": best_cider, "best_epoch": best_epoch,
+            **({"amp_scaler": mp.state()} if mp.active else {}),
         })
         if log_json:
             write_json(log_json, report())

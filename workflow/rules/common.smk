@@ -37,6 +37,11 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
+def gpu_opts():
+    """The training options that matter only on CUDA, shared by every training rule."""
+    return {k: config["train"][k] for k in ("amp", "pin_memory")}
+
+
 def encoder_cfg(wc):
     return config["encoders"][wc.enc]
 

@@ -15,7 +15,7 @@ rule prune_finetune:
         f"{WORK}/decoders/{{enc}}/{{dec}}/{{train}}_{{method}}{{ratio}}.safetensors",
     params:
         cli=CAPTIONING,
-        finetune=as_json(config["compress"]["prune"]["finetune"]),
+        finetune=as_json({**config["compress"]["prune"]["finetune"], **gpu_opts()}),
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
         device=config["device"],

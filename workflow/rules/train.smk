@@ -50,7 +50,8 @@ rule train_scst:
         f"{WORK}/decoders/{{enc}}/{{dec}}/scst.safetensors",
     params:
         cli=CAPTIONING,
-        scst=as_json({k: v for k, v in config["scst"].items() if k not in ("encoders", "quantization")}),
+        scst=as_json({**{k: v for k, v in config["scst"].items() if k not in ("encoders", "quantization")},
+                      **gpu_opts()}),
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
         device=config["device"],

@@ -51,8 +51,8 @@ from ..models import read_decoder_meta, save_decoder
 from ..models.search import greedy, sample
 from ..utils import pick_device, seed_everything, set_threads
 from .loader import CaptionData, to_device
-from .xe import (MixedPrecision, _decoder_from_checkpoint, _finish, _load_resume, _read_resume_meta, _resume_problem,
-                 _save_resume, cider_d, file_sha256, generate_captions, load_refs, optimizer_step, run_files)
+from .xe import (MixedPrecision, _decoder_from_checkpoint, _finish, _save_resume, cider_d, file_sha256,
+                 generate_captions, load_refs, optimizer_step, resume_if_possible, run_files)
 
 BASELINES = ("greedy", "mean")
 
@@ -149,18 +149,8 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
     gpu_options = {k: True for k, v in (("amp", amp), ("pin_memory", pin_memory)) if v}
     settings.update(gpu_options)  # only when set, so existing resume files keep matching
 
-    start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
-    meta = _read_resume_meta(resume_path)
-    if meta is not None:
-        problem = _resume_problem(meta, settings, best_path)
-        if problem:
-            print(f"scst: ignoring {resume_path} ({problem}); starting over", file=sys.stderr)
-        else:
-            meta = _load_resume(resume_path, decoder, optimizer)
-            mp.load_state(meta.get("amp_scaler"), resume_path)
-            start, history = int(meta["epoch"]), list(meta["history"])
-            best_cider, best_epoch = float(meta["best_val_cider"]), int(meta["best_epoch"])
-            print(f"scst: resuming {out_path} after epoch {start}", file=sys.stderr)
+    start, history, best_cider, best_epoch = resume_if_possible(
+        "scst", out_path, settings, decoder, optimizer, mp)
 
     def report() -> dict:
         return {"settings": settings, "history": history, "best_epoch": best_epoch,

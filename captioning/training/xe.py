@@ -324,6 +324,28 @@ def _decoder_from_checkpoint(path, decoder_name: str | None, decoder_cfg: dict, 
 
 # ---- training ----------------------------------------------------------------------------------
 
+def resume_if_possible(who: str, out_path: Path, settings: dict, decoder, optimizer, mp,
+                       pruner: Pruner | None = None) -> tuple[int, list, float, int]:
+    """Load a matching resume file into decoder/optimizer/scaler (and the pruner's masks).
+
+    Returns (epochs done, history, best val CIDEr-D, best epoch): (0, [], -inf, 0) when
+    there is nothing usable to resume from, with one line saying why on stderr.
+    """
+    resume_path, best_path = run_files(out_path)
+    meta = _read_resume_meta(resume_path)
+    if meta is None:
+        return 0, [], float("-inf"), 0
+    problem = _resume_problem(meta, settings, best_path)
+    if problem:
+        print(f"{who}: ignoring {resume_path} ({problem}); starting over", file=sys.stderr)
+        return 0, [], float("-inf"), 0
+    meta = _load_resume(resume_path, decoder, optimizer, pruner)
+    mp.load_state(meta.get("amp_scaler"), resume_path)
+    start = int(meta["epoch"])
+    print(f"{who}: resuming {out_path} after epoch {start}", file=sys.stderr)
+    return start, list(meta["history"]), float(meta["best_val_cider"]), int(meta["best_epoch"])
+
+
 def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg: dict | None = None,
              epochs: int = 5, batch_size: int = 50, lr: float = 5e-4, lr_decay_every: int = 3,
              lr_decay_rate: float = 0.8, grad_clip: float = 0.1, seq_per_img: int = 5, beam_size: int = 1,
@@ -404,18 +426,8 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
     gpu_options = {k: True for k, v in (("amp", amp), ("pin_memory", pin_memory)) if v}
     settings.update(gpu_options)  # only when set, so existing resume files keep matching
 
-    start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
-    meta = _read_resume_meta(resume_path)
-    if meta is not None:
-        problem = _resume_problem(meta, settings, best_path)
-        if problem:
-            print(f"xe: ignoring {resume_path} ({problem}); starting over", file=sys.stderr)
-        else:
-            meta = _load_resume(resume_path, decoder, optimizer, pruner)
-            mp.load_state(meta.get("amp_scaler"), resume_path)
-            start, history = int(meta["epoch"]), list(meta["history"])
-            best_cider, best_epoch = float(meta["best_val_cider"]), int(meta["best_epoch"])
-            print(f"xe: resuming {out_path} after epoch {start}", file=sys.stderr)
+    start, history, best_cider, best_epoch = resume_if_possible(
+        "xe", out_path, settings, decoder, optimizer, mp, pruner)
 
     def report() -> dict:
         return {"settings": settings, "history": history, "best_epoch": best_epoch,

@@ -126,10 +126,21 @@ def cmd_evaluate(a):
     print(json.dumps({k: m[k] for k in ("CIDEr", "size_mb", "latency_ms")}))
 
 
+def cmd_latency(a):
+    from .evaluation.evaluate import split_images
+    from .evaluation.latency import measure_artifacts
+    from .io import write_json
+
+    _, paths = split_images(a.prepared, a.split)
+    ms = measure_artifacts(a.models, paths[:a.images], a.beam_size, a.threads)
+    write_json(a.out, ms)
+    print(f"{len(ms)} artifacts timed -> {a.out}")
+
+
 def cmd_table(a):
     from .results.table import write_results
 
-    df = write_results(a.metrics, a.baselines, a.out_dir)
+    df = write_results(a.metrics, a.baselines, a.out_dir, a.latency)
     print(f"{len(df)} variants -> {a.out_dir}/table.csv")
 
 
@@ -240,17 +251,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", required=True)
     s.add_argument("--split", default="test")
     s.add_argument("--beam-size", type=int, default=3)
-    s.add_argument("--latency-images", type=int, default=20)
+    s.add_argument("--latency-images", type=int, default=20,
+                   help="test images timed for latency_ms; 0 leaves it to the latency verb")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--spice", default="auto", choices=["auto", "on", "off"])
     s.add_argument("--device", default="auto")
     s.add_argument("--meta", type=_json_arg, default={})
+
+    s = verb("latency", cmd_latency, "time artifacts one after another (batch 1, raw test images)")
+    s.add_argument("--models", nargs="+", required=True)
+    s.add_argument("--prepared", required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--images", type=int, default=20, help="test images timed per artifact")
+    s.add_argument("--beam-size", type=int, default=3)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", required=True)
 
     s = verb("table", cmd_table, "collect metrics into results/table.csv, table.md and pareto.png")
     s.add_argument("--metrics", nargs="+", required=True)
     s.add_argument("--baselines", nargs="+", required=True,
                    help="per decoder, the variant its rows' changes are measured against")
     s.add_argument("--out-dir", required=True)
+    s.add_argument("--latency", help="JSON {variant: ms} from the latency verb")
 
     s = verb("caption", cmd_caption, "caption images with an artifact alone")
     s.add_argument("images", nargs="+")

@@ -40,6 +40,8 @@ def schema_problems(config: dict, schema: dict) -> list[str]:
             lines.append(f"{key}: unknown key(s) {', '.join(extra)} (allowed: {known})")
         elif err.validator == "required":
             lines.append(f"{key}: {err.message}")
+        elif err.validator == "anyOf" and key.startswith("decoders."):
+            lines.append(f"{key}: needs an arch, or a variant_of entry to inherit one from")
         elif err.validator == "propertyNames":
             lines.append(f"{key}: name {err.instance!r} must match {err.schema['pattern']}")
         else:
@@ -73,6 +75,16 @@ def config_problems(config: dict) -> list[str]:
         if parent is not None and (parent not in decoders or "variant_of" in decoders[parent]):
             problems.append(f"decoders.{name}.variant_of: '{parent}' must be another decoders entry that is "
                             "not itself a variant")
+        elif parent is not None and dec.get("arch", decoders[parent]["arch"]) != decoders[parent]["arch"]:
+            problems.append(f"decoders.{name}.arch: a variant keeps its parent's arch "
+                            f"({decoders[parent]['arch']}); drop the key or the variant_of")
+    lists = [(f"encoders.{name}.decoders", enc.get("decoders")) for name, enc in encoders.items()]
+    lists += [(f"{stage}.decoders", config.get(stage, {}).get("decoders"))
+              for stage in ("compress", "scst", "distill")]
+    for key, names in lists:
+        for name in names or []:
+            if name not in decoders:
+                problems.append(f"{key}: '{name}' is not one of the decoders ({', '.join(decoders)})")
     if config.get("baseline_encoder") in config.get("distill", {}).get("encoders", []):
         problems.append("distill.encoders: the baseline encoder is the teacher; list only other encoders")
     for name, enc in encoders.items():
@@ -84,6 +96,22 @@ def config_problems(config: dict) -> list[str]:
             problems.append(f"encoders.{name}.weights: '{w}' is neither one of "
                             f"{', '.join(WEIGHT_SOURCES)} nor an existing file")
     return problems
+
+
+def decoder_settings(config: dict, name: str) -> dict:
+    """A decoders entry with its variant_of parent's arch and settings filled in (its own keys win)."""
+    dec = config["decoders"][name]
+    parent = config["decoders"][dec["variant_of"]] if dec.get("variant_of") else {}
+    out = {**parent, **dec}
+    if "train" in parent or "train" in dec:
+        out["train"] = {**parent.get("train", {}), **dec.get("train", {})}
+    return out
+
+
+def stage_decoders(config: dict, stage: str) -> list[str]:
+    """The decoders a stage (compress, scst, distill) covers: its decoders list, or every decoder."""
+    names = config.get(stage, {}).get("decoders")
+    return list(config["decoders"]) if names is None else list(names)
 
 
 def load_schema(path) -> dict:

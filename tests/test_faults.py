@@ -160,8 +160,10 @@ def test_train_scst_resumes_after_its_output_was_deleted(tmp_path, capfd):
 EPOCHS = 6
 # One encoder that is also the baseline, no compression, SCST or distillation: one training job.
 SMALL = {**TINY, "encoders": {"lite0": TINY["encoders"]["lite0"]}, "baseline_encoder": "lite0",
+         "decoders": {"updown": TINY["decoders"]["updown"]},
          "train": {**TINY["train"], "epochs": EPOCHS, "batch_size": 4},
-         "compress": {**TINY["compress"], "encoders": []}, "scst": {**TINY["scst"], "encoders": []},
+         "compress": {**TINY["compress"], "encoders": [], "decoders": None},
+         "scst": {**TINY["scst"], "encoders": [], "decoders": None},
          "distill": {"encoders": []}}
 VARIANT = "lite0-updown-xe-fp32"
 XE_OUT = "work/tiny/decoders/lite0/updown/xe.safetensors"

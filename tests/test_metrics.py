@@ -138,7 +138,7 @@ def test_spice_required_without_jars_is_a_user_error(tmp_path, monkeypatch):
 def test_spice_auto_without_jars_is_none_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(metrics, "SPICE_DIR", tmp_path)
     monkeypatch.setattr(metrics, "_spice_warned", False)
-    monkeypatch.setattr(metrics, "_meteor", _fake_meteor)
+    monkeypatch.setattr(metrics, "meteor_scorer", _fake_meteor)
     results = [{"image_id": 1, "caption": "a dog"}]
     with caplog.at_level("WARNING"):
         first = score_captions(REFS, results)
@@ -156,7 +156,7 @@ def _fake_spice_install(tmp_path, monkeypatch, version):
         (tmp_path / "lib" / jar).write_bytes(b"")
     monkeypatch.setattr(metrics, "SPICE_DIR", tmp_path)
     monkeypatch.setattr(metrics, "java_version", lambda java: version)
-    monkeypatch.setattr(metrics, "_meteor", _fake_meteor)
+    monkeypatch.setattr(metrics, "meteor_scorer", _fake_meteor)
     monkeypatch.setenv("CAPTIONING_SPICE_CACHE", str(tmp_path / "cache"))
 
 

@@ -28,6 +28,8 @@ PARTITION = "test"
 SMALL = copy.deepcopy(TINY)
 SMALL["encoders"] = {k: TINY["encoders"][k] for k in ("mnv3s", "lite0")}
 SMALL["baseline_encoder"] = "mnv3s"
+SMALL["decoders"] = {"updown": TINY["decoders"]["updown"]}
+SMALL["compress"]["decoders"] = SMALL["scst"]["decoders"] = None
 SMALL["compress"]["quantization"] = ["fp32"]
 SMALL["compress"]["prune"]["compare_methods"] = []
 SMALL["scst"]["encoders"] = []

@@ -25,17 +25,25 @@ TINY = {
         "r50": {"timm_name": "resnet50", "weights": "pretrain", "img_size": 64,
                 "pretrain": {"epochs": 1, "batch_size": 20}},
         "mnv3s": {"timm_name": "mobilenetv3_small_100", "weights": "pretrain", "img_size": 64,
-                  "pretrain": {"epochs": 1, "batch_size": 20}},
+                  "pretrain": {"epochs": 1, "batch_size": 20}, "decoders": ["updown"]},
         "lite0": {"timm_name": "tf_efficientnet_lite0", "weights": "efficientnet-lite0", "img_size": 64},
     },
     "baseline_encoder": "r50",
-    "decoders": {"updown": {"arch": "updown", "input_encoding_size": 32, "rnn_size": 32, "att_hid_size": 16}},
+    # All three families and an architecture variant; the stages' decoders lists spread them over the stages.
+    "decoders": {
+        "updown": {"arch": "updown", "input_encoding_size": 32, "rnn_size": 32, "att_hid_size": 16},
+        "aoanet": {"arch": "aoanet", "input_encoding_size": 32, "rnn_size": 32, "att_hid_size": 32, "num_heads": 2,
+                   "refiner_layers": 1, "train": {"lr": 0.001}},
+        "transformer": {"arch": "transformer", "d_model": 32, "d_ff": 64, "num_heads": 2, "enc_layers": 1,
+                        "dec_layers": 1},
+        "updown_slim": {"variant_of": "updown", "rnn_size": 16, "embed_rank": 8},
+    },
     "train": {"epochs": 1, "batch_size": 10, "threads": 1},
-    "compress": {"encoders": ["lite0"], "quantization": ["fp32", "fp16", "int8"],
+    "compress": {"encoders": ["lite0"], "decoders": ["updown", "transformer"], "quantization": ["fp32", "fp16", "int8"],
                  "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
                            "compare_methods": ["gradual"], "finetune": {"epochs": 2, "batch_size": 10}}},
-    "scst": {"encoders": ["lite0"], "epochs": 1, "batch_size": 10, "sample_n": 2},
-    "distill": {"encoders": ["mnv3s"]},
+    "scst": {"encoders": ["lite0"], "decoders": ["updown", "aoanet"], "epochs": 1, "batch_size": 10, "sample_n": 2},
+    "distill": {"encoders": ["mnv3s"], "decoders": ["updown"]},
     "evaluate": {"beam_size": 2, "latency_images": 3},
 }
 
@@ -71,24 +79,37 @@ def test_table_has_every_variant_and_column(tiny_run):
     df = pd.read_csv(tiny_run / "results/table.csv")
     assert list(df.columns) == COLUMNS
     assert sorted(df["variant"]) == sorted(
-        ["r50-updown-xe-fp32", "mnv3s-updown-xe-fp32", "lite0-updown-scst-fp32", "mnv3s-updown-kd-fp32"]
-        + [f"lite0-updown-{s}-{q}" for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")])
+        ["r50-updown-xe-fp32", "mnv3s-updown-xe-fp32", "lite0-updown-scst-fp32", "mnv3s-updown-kd-fp32",
+         "r50-aoanet-xe-fp32", "lite0-aoanet-xe-fp32", "lite0-aoanet-scst-fp32",
+         "r50-transformer-xe-fp32", "lite0-updown_slim-xe-fp32"]
+        + [f"lite0-{d}-{s}-{q}" for d in ("updown", "transformer")
+           for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")])
+    # Every decoder is compared with its family's baseline; the variant inherited its parent's arch.
+    by = df.set_index("variant")
+    assert by.loc["lite0-updown_slim-xe-fp32", "family"] == "updown"
+    assert by.loc["lite0-updown_slim-xe-fp32", "stage"] == "architecture"
+    assert by.loc["lite0-updown_slim-xe-fp32", "params"] < by.loc["lite0-updown-xe-fp32", "params"]
+    assert set(df["family"]) == {"updown", "aoanet", "transformer"}
+    assert (df.loc[df["stage"] == "baseline", "encoder"] == "r50").all() and (df["stage"] == "baseline").sum() == 3
     # The pruned variants reached the ratio asked for, measured from the weights.
     pruned = df[df["prune_ratio"] > 0]
-    assert len(pruned) == 6 and set(pruned["prune_method"]) == {"global", "gradual"}
+    assert len(pruned) == 12 and set(pruned["prune_method"]) == {"global", "gradual"}
     assert ((pruned["sparsity"] - 0.5).abs() <= 0.005).all()
     # Artifact sizes fall with sparsity and with quantization.
     size = df.set_index("variant")["size_mb"]
-    for s in ("xe", "xe_global0.5"):
-        assert size[f"lite0-updown-{s}-fp32"] > size[f"lite0-updown-{s}-fp16"] > size[f"lite0-updown-{s}-int8"]
-    for q in ("fp32", "fp16", "int8"):
-        assert size[f"lite0-updown-xe-{q}"] > size[f"lite0-updown-xe_global0.5-{q}"]
+    for d in ("updown", "transformer"):
+        for s in ("xe", "xe_global0.5"):
+            assert size[f"lite0-{d}-{s}-fp32"] > size[f"lite0-{d}-{s}-fp16"] > size[f"lite0-{d}-{s}-int8"]
+        for q in ("fp32", "fp16", "int8"):
+            assert size[f"lite0-{d}-xe-{q}"] > size[f"lite0-{d}-xe_global0.5-{q}"]
     assert (df["floor_mb"] > 0).all()
     scst = df.set_index("variant").loc["lite0-updown-scst-fp32"]
     assert scst["stage"] == "scst" and scst["training"] == "scst"
     assert df.set_index("variant").loc["mnv3s-updown-kd-fp32", "stage"] == "distill"
-    assert "## updown" in (tiny_run / "results/summary.md").read_text()
-    rows = df[df["stage"].isin(["baseline", "encoder"])].set_index("encoder")
+    summary = (tiny_run / "results/summary.md").read_text()
+    assert all(f"## {d}" in summary for d in ("updown", "aoanet", "transformer"))
+    assert "`lite0-aoanet-scst-fp32` | scst |" in summary and "`mnv3s-updown-kd-fp32` | kd |" in summary
+    rows = df[df["stage"].isin(["baseline", "encoder"]) & (df["decoder"] == "updown")].set_index("encoder")
     assert rows.loc["r50", "stage"] == "baseline" and rows.loc["r50", "size_reduction_pct"] == 0
     assert (rows.loc[["mnv3s", "lite0"], "stage"] == "encoder").all()
     # The small encoders really are smaller on disk than resnet50.
@@ -103,7 +124,7 @@ def test_table_has_every_variant_and_column(tiny_run):
 @pytest.mark.integration
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
     for rule in ["synthetic_dataset", "prepare_captions", "encoder_weights", "features", "train_xe",
-                 "prune_finetune", "pack", "evaluate", "table"]:
+                 "prune_finetune", "pack", "evaluate", "latency", "table"]:
         assert list((tiny_run / "logs" / rule).glob("*.log")), rule
         assert list((tiny_run / "logs/benchmarks" / rule).glob("*.tsv")), rule
 
@@ -130,6 +151,7 @@ def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
             "Evaluating variant mnv3s-updown-kd-fp32",
             "Packing variant mnv3s-updown-xe-fp32",
             "Evaluating variant mnv3s-updown-xe-fp32",
+            "Timing every artifact of tiny on CPU",
             "Writing the results table of tiny",
         ])
     finally:

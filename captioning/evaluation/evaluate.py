@@ -25,31 +25,40 @@ def count_params(captioner) -> tuple[int, int]:
     return total, nonzero
 
 
-def evaluate(model, prepared, out_dir, split="test", beam_size=3, batch_size=16,
-             latency_images=20, threads=1, spice="auto", device="cpu", meta=None) -> dict:
-    from ..captioner import load_captioner
-    from .metrics import score_captions
-
-    prepared, out_dir = Path(prepared), Path(out_dir)
+def split_images(prepared, split: str = "test") -> tuple[list[dict], list[Path]]:
+    """The prepared images of one split, and their files."""
+    prepared = Path(prepared)
     info = read_json(prepared / "info.json")
     images = [im for im in read_json(prepared / "images.json") if im["split"] == split]
-    paths = [Path(info["image_root"]) / im["file_path"] for im in images]
+    return images, [Path(info["image_root"]) / im["file_path"] for im in images]
+
+
+def evaluate(model, prepared, out_dir, split="test", beam_size=3, batch_size=16,
+             latency_images=20, threads=1, spice="auto", device="cpu", meta=None) -> dict:
+    """Caption, score and size one artifact; ``latency_images`` 0 leaves latency to ``measure_artifacts``."""
+    from ..captioner import load_captioner
+    from .metrics import meteor_scorer, score_captions
+
+    prepared, out_dir = Path(prepared), Path(out_dir)
+    images, paths = split_images(prepared, split)
 
     cap = load_captioner(model, device=device)
-    results = []
-    for i in tqdm(range(0, len(paths), batch_size), desc=f"caption {split}", unit="batch"):
-        caps = cap.caption_files(paths[i:i + batch_size], beam_size, batch_size)
-        results += [{"image_id": im["id"], "caption": c}
-                    for im, c in zip(images[i:i + batch_size], caps)]
-    write_json(out_dir / "captions.json", results)
-
-    scores = score_captions(prepared / f"refs_{split}.json", results, spice=spice)
+    with meteor_scorer() as meteor:  # its java starts loading now, beside the captioning
+        results = []
+        for i in tqdm(range(0, len(paths), batch_size), desc=f"caption {split}", unit="batch"):
+            caps = cap.caption_files(paths[i:i + batch_size], beam_size, batch_size)
+            results += [{"image_id": im["id"], "caption": c}
+                        for im, c in zip(images[i:i + batch_size], caps)]
+        write_json(out_dir / "captions.json", results)
+        scores = score_captions(prepared / f"refs_{split}.json", results, spice=spice, meteor=meteor)
     params, nonzero = count_params(cap)
-    cap.encoder.cpu(), cap.decoder.cpu()
-    cap.device = "cpu"
-    from .latency import measure_latency
+    latency = None
+    if latency_images > 0:
+        from .latency import measure_latency
 
-    latency = measure_latency(cap, paths[:latency_images], beam_size, threads)
+        cap.encoder.cpu(), cap.decoder.cpu()
+        cap.device = "cpu"
+        latency = measure_latency(cap, paths[:latency_images], beam_size, threads)
     storage = cap.config.get("storage", {})
     floor = storage.get("floor_bytes")
     metrics = {**(meta or {}), **scores, "params": params, "nonzero_params": nonzero,

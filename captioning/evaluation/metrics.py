@@ -123,8 +123,12 @@ def ptb_tokenize(captions: dict[Any, list[str]], java: str | None = None) -> dic
 
 
 @contextlib.contextmanager
-def _meteor() -> Iterator[Any]:
-    """pycocoevalcap's Meteor, with its java process closed when the block ends, even on error."""
+def meteor_scorer() -> Iterator[Any]:
+    """pycocoevalcap's Meteor, with its java process closed when the block ends, even on error.
+
+    Its java loads a paraphrase table for seconds after it starts: start it early and pass it to
+    ``score_captions`` so that the load overlaps other work.
+    """
     from pycocoevalcap.meteor.meteor import Meteor
 
     scorer = Meteor()
@@ -226,13 +230,14 @@ def _use_spice(spice: bool | str, java: str) -> str | None:
 
 
 def score_captions(refs: str | os.PathLike | dict, results: str | os.PathLike | list,
-                   spice: bool | str = "auto") -> dict[str, float | None]:
+                   spice: bool | str = "auto", meteor=None) -> dict[str, float | None]:
     """BLEU_1-4, METEOR, ROUGE_L, CIDEr (CIDEr-D) and SPICE of ``results`` against ``refs``.
 
     refs: COCO caption annotations (path or dict); results: COCO results (path or list of
     {"image_id", "caption"}), one per image, every image_id present in refs. Only the images
     in results are scored. spice: "auto" runs it when its jars are installed (else None and a
-    warning), True requires it, False skips it.
+    warning), True requires it, False skips it. meteor: a running ``meteor_scorer()``, or None
+    to start one here.
     """
     order, ref_caps = _load_refs(refs)
     src, res_caps = _load_results(results)
@@ -249,20 +254,22 @@ def score_captions(refs: str | os.PathLike | dict, results: str | os.PathLike | 
     java = ensure_java()
     spice_java = _use_spice(spice, java)
 
-    log.info("tokenizing %d images' references and results", len(ids))
-    gts = ptb_tokenize({i: ref_caps[i] for i in ids}, java)
-    res = ptb_tokenize({i: [res_caps[i]] for i in ids}, java)
-
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     scores: dict[str, float | None] = {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    for n, b in enumerate(bleu, 1):
-        scores[f"BLEU_{n}"] = float(b)
-    log.info("METEOR (about 15 s)")
-    with _meteor() as meteor:
+    # METEOR's java loads its paraphrase table (seconds) while the tokenizer and BLEU run.
+    with contextlib.nullcontext(meteor) if meteor is not None else meteor_scorer() as meteor:
+        log.info("tokenizing %d images' references and results", len(ids))
+        # One tokenizer run for both: with -preserveLines every caption is tokenized on its own.
+        both = ptb_tokenize({**{("g", i): ref_caps[i] for i in ids}, **{("r", i): [res_caps[i]] for i in ids}}, java)
+        gts = {i: both[("g", i)] for i in ids}
+        res = {i: both[("r", i)] for i in ids}
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        for n, b in enumerate(bleu, 1):
+            scores[f"BLEU_{n}"] = float(b)
+        log.info("METEOR")
         scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])

@@ -44,7 +44,25 @@ def summary_markdown(df: pd.DataFrame) -> str:
             lines.append("")
             lines += _budget_rows(ge)
             lines.append("")
+    lines += _training_rows(df)
     return "\n".join(lines)
+
+
+def _training_rows(df: pd.DataFrame) -> list[str]:
+    """SCST and distilled decoders beside the same decoder and encoder trained by cross-entropy alone."""
+    dense = df[(df["quantization"] == "fp32") & df["prune_method"].isna()]
+    xe = dense[dense["training"] == "xe"].set_index(["encoder", "decoder"])["CIDEr"]
+    rows = []
+    for _, r in dense[dense["training"].isin(["scst", "kd"])].sort_values(["training", "variant"]).iterrows():
+        ref = xe.get((r["encoder"], r["decoder"]))
+        if ref is not None:
+            rows.append(f"| `{r['variant']}` | {r['training']} | {ref:.4f} | {r['CIDEr']:.4f} | "
+                        f"{(r['CIDEr'] / ref - 1.0) * 100.0:+.2f}% |")
+    if not rows:
+        return []
+    return ["## Training: SCST and distillation against cross-entropy alone", "",
+            "| variant | training | CIDEr, cross-entropy | CIDEr | change |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def _budget_rows(g: pd.DataFrame) -> list[str]:

@@ -16,10 +16,17 @@ QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CI
 COLUMNS = ID_COLS + SIZE_COLS + QUALITY_COLS + ["latency_ms"]
 
 
-def build_table(metric_files, baselines: list[str]) -> pd.DataFrame:
+def build_table(metric_files, baselines: list[str], latency_file=None) -> pd.DataFrame:
     """One row per variant. Size reduction and CIDEr change are against the baseline of the
-    row's decoder family (the big encoder with the dense fp32 decoder), as in the paper."""
+    row's decoder family (the big encoder with the dense fp32 decoder), as in the paper.
+    ``latency_file``: {variant: ms} from ``measure_artifacts``, replacing the metrics' own latency."""
     rows = [read_json(f) for f in metric_files]
+    if latency_file is not None:
+        latency = read_json(latency_file)
+        missing = [r["variant"] for r in rows if r.get("variant") not in latency]
+        if missing:
+            raise UserError(f"{latency_file}: no latency for variant '{missing[0]}'")
+        rows = [{**r, "latency_ms": latency[r["variant"]]} for r in rows]
     df = pd.DataFrame(rows)
     for c in COLUMNS:
         if c not in df.columns:
@@ -93,9 +100,9 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(metric_files, baselines: list[str], out_dir) -> pd.DataFrame:
+def write_results(metric_files, baselines: list[str], out_dir, latency_file=None) -> pd.DataFrame:
     out_dir = Path(out_dir)
-    df = build_table(metric_files, baselines)
+    df = build_table(metric_files, baselines, latency_file)
     with atomic_path(out_dir / "table.csv") as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
     write_text(out_dir / "table.md", to_markdown(df))

@@ -6,7 +6,7 @@ import sys
 from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the package, when the workflow runs from a checkout
-from captioning.config import check_config  # noqa: E402
+from captioning.config import check_config, decoder_settings, stage_decoders  # noqa: E402
 
 
 # One line naming the key for a bad value, then Snakemake's validate fills in the defaults.
@@ -47,7 +47,20 @@ def encoder_cfg(wc):
 
 
 def decoder_cfg(wc):
-    return config["decoders"][wc.dec]
+    """The decoder's full settings (a variant_of entry inherits its parent's)."""
+    return decoder_settings(config, wc.dec)
+
+
+def decoder_args(wc):
+    """The settings the decoder is built with, as one JSON shell word."""
+    return as_json({k: v for k, v in decoder_cfg(wc).items() if k not in ("arch", "variant_of", "train")})
+
+
+def train_args(wc, extra=None):
+    """Cross-entropy settings for the decoder: the train section, its own train keys over them.
+    (No **kwargs: Snakemake would pass a params function every argument it can name.)"""
+    t = {k: v for k, v in config["train"].items() if k != "threads"}
+    return as_json({**t, **decoder_cfg(wc).get("train", {}), **(extra or {})})
 
 
 # A variant is {enc}-{dec}-{dstage}-{quant}: dstage names how the decoder was trained and
@@ -102,22 +115,25 @@ def decoder_family(dec):
 
 def all_variants():
     """(enc, dec, dstage, quant) of every table row: baseline and encoder replacement for every
-    encoder, then for the compress.encoders every quantization of the dense and pruned decoders."""
+    encoder and its decoders, then for the compress encoders and decoders every quantization of the
+    dense and pruned decoders, then the distilled and SCST rows."""
     c = config["compress"]
     p = c["prune"]
-    # Baseline and encoder replacement for every decoder; an architecture variant needs no big-encoder row
-    # of its own (it is compared with its family's baseline).
-    out = [(e, d, "xe", "fp32") for d in config["decoders"] for e in config["encoders"]
+    # Baseline and encoder replacement; an architecture variant needs no big-encoder row of its own
+    # (it is compared with its family's baseline).
+    out = [(e, d, "xe", "fp32") for e, enc in config["encoders"].items()
+           for d in (enc.get("decoders") or config["decoders"])
            if not ("variant_of" in config["decoders"][d] and e == config["baseline_encoder"])]
     stages = ["xe"] + [dstage_name("xe", p["method"], r) for r in p["ratios"]]
     stages += [dstage_name("xe", m, p["compare_ratio"]) for m in p["compare_methods"]]
     for e in c["encoders"]:
-        for d in config["decoders"]:
+        for d in stage_decoders(config, "compress"):
             out += [(e, d, s, q) for s in dict.fromkeys(stages) for q in c["quantization"]]
     for e in config["distill"]["encoders"]:
-        out += [(e, d, "kd", "fp32") for d in config["decoders"]]
+        # each student beside the same decoder trained without a teacher
+        out += [(e, d, t, "fp32") for d in stage_decoders(config, "distill") for t in ("xe", "kd")]
     for e in config["scst"]["encoders"]:
-        out += [(e, d, "scst", q) for d in config["decoders"] for q in config["scst"]["quantization"]]
+        out += [(e, d, "scst", q) for d in stage_decoders(config, "scst") for q in config["scst"]["quantization"]]
     return list(dict.fromkeys(out))
 
 

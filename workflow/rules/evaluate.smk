@@ -1,4 +1,4 @@
-# Evaluation: caption the raw test images from each artifact, score, time; then the table.
+# Evaluation: caption the raw test images from each artifact and score them; time every artifact; then the table.
 
 
 rule evaluate:
@@ -23,25 +23,55 @@ rule evaluate:
         f"logs/evaluate/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",
     benchmark:
         f"logs/benchmarks/evaluate/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.tsv"
-    # All cores, so no other job disturbs the latency timing (which itself uses evaluate.threads).
     conda:
         "../envs/captioning.yaml"
-    threads: workflow.cores
+    # Latency is timed apart (rule latency), so evaluations can run beside other jobs.
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
     shell:
         "{params.cli} evaluate --model {input.model} --prepared {params.prep} --out-dir {params.out}"
-        " --beam-size {params.e[beam_size]} --latency-images {params.e[latency_images]}"
-        " --threads {params.e[threads]} --spice {params.e[spice]} --device {params.device}"
-        " --meta {params.meta:q} > {log} 2>&1"
+        " --beam-size {params.e[beam_size]} --latency-images 0 --threads {threads}"
+        " --spice {params.e[spice]} --device {params.device} --meta {params.meta:q} > {log} 2>&1"
+
+
+rule latency:
+    message:
+        "Timing every artifact of {DS} on CPU"
+    input:
+        models=lambda wc: [f"{WORK}/artifacts/{variant_name(*v)}.capz" for v in all_variants()],
+        images=rules.prepare_captions.output.images,
+        info=rules.prepare_captions.output.info,
+    output:
+        f"results/latency/{DS}.json",
+    params:
+        cli=CAPTIONING,
+        e=config["evaluate"],
+        prep=lambda wc, input: os.path.dirname(input.info),
+    log:
+        f"logs/latency/{DS}.log",
+    benchmark:
+        f"logs/benchmarks/latency/{DS}.tsv"
+    conda:
+        "../envs/captioning.yaml"
+    # All cores, so no other job disturbs the timing (which itself uses evaluate.threads); one job
+    # times every artifact back to back, so the rows compare.
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "{params.cli} latency --models {input.models} --prepared {params.prep} --images {params.e[latency_images]}"
+        " --beam-size {params.e[beam_size]} --threads {params.e[threads]} --out {output} > {log} 2>&1"
 
 
 rule table:
     message:
         "Writing the results table of {DS}"
     input:
-        all_metrics(),
+        metrics=all_metrics(),
+        latency=rules.latency.output,
     output:
         csv=report("results/table.csv", caption="../report/table.rst", category="Results"),
         md="results/table.md",
@@ -61,4 +91,5 @@ rule table:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{params.cli} table --metrics {input} --baselines {params.baseline} --out-dir results > {log} 2>&1"
+        "{params.cli} table --metrics {input.metrics} --latency {input.latency} --baselines {params.baseline}"
+        " --out-dir results > {log} 2>&1"

@@ -15,8 +15,8 @@ rule train_xe:
     params:
         cli=CAPTIONING,
         arch=lambda wc: decoder_cfg(wc)["arch"],
-        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k not in ("arch", "variant_of")}),
-        train=as_json({k: v for k, v in config["train"].items() if k != "threads"}),
+        dec=decoder_args,
+        train=train_args,
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
         device=config["device"],
@@ -50,7 +50,7 @@ rule train_scst:
         f"{WORK}/decoders/{{enc}}/{{dec}}/scst.safetensors",
     params:
         cli=CAPTIONING,
-        scst=as_json({**{k: v for k, v in config["scst"].items() if k not in ("encoders", "quantization")},
+        scst=as_json({**{k: v for k, v in config["scst"].items() if k not in ("encoders", "decoders", "quantization")},
                       **gpu_opts()}),
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
@@ -76,7 +76,8 @@ rule train_kd:
     message:
         "Distilling decoder {wildcards.dec} on encoder {wildcards.enc} features from the baseline teacher"
     input:
-        teacher=f"{WORK}/decoders/{config['baseline_encoder']}/{{dec}}/xe.safetensors",
+        # the teacher: the student's family decoder (itself, or what it is a variant of) on the big encoder
+        teacher=lambda wc: f"{WORK}/decoders/{config['baseline_encoder']}/{decoder_family(wc.dec)}/xe.safetensors",
         teacher_features=f"{WORK}/features/{config['baseline_encoder']}.h5",
         features=rules.features.output,
         labels=rules.prepare_captions.output.labels,
@@ -87,12 +88,10 @@ rule train_kd:
     params:
         cli=CAPTIONING,
         arch=lambda wc: decoder_cfg(wc)["arch"],
-        dec=lambda wc: as_json({k: v for k, v in decoder_cfg(wc).items() if k not in ("arch", "variant_of")}),
-        train=lambda wc, input: as_json({
-            **{k: v for k, v in config["train"].items() if k != "threads"},
+        dec=decoder_args,
+        train=lambda wc, input: train_args(wc, {
             "teacher": input.teacher, "teacher_features": input.teacher_features,
-            "kd_weight": config["distill"]["kd_weight"], "kd_temperature": config["distill"]["temperature"],
-        }),
+            "kd_weight": config["distill"]["kd_weight"], "kd_temperature": config["distill"]["temperature"]}),
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
         device=config["device"],

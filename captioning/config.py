@@ -114,6 +114,18 @@ def stage_decoders(config: dict, stage: str) -> list[str]:
     return list(config["decoders"]) if names is None else list(names)
 
 
+def gpu_jobs(device: str) -> int:
+    """The ``gpu`` resource of a training job: 1 when it runs on CUDA, else 0.
+
+    The local profile allows one gpu at a time, so on a CPU-only machine (0) training jobs run
+    side by side instead of one by one. ``auto`` looks for an NVIDIA driver on the machine that
+    plans the jobs: on a cluster whose login node has no GPU, set ``device: cuda``.
+    """
+    if device == "auto":
+        return int(os.path.isdir("/proc/driver/nvidia/gpus") and bool(os.listdir("/proc/driver/nvidia/gpus")))
+    return int(device == "cuda")
+
+
 def load_schema(path) -> dict:
     import yaml
 

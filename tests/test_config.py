@@ -3,7 +3,7 @@ from pathlib import Path
 
 import yaml
 
-from captioning.config import config_problems, load_schema, schema_problems
+from captioning.config import config_problems, decoder_settings, load_schema, schema_problems, stage_decoders
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(ROOT / "workflow/schemas/config.schema.yaml")
@@ -46,3 +46,35 @@ def test_cross_key_problems(tmp_path):
     lines = config_problems(c)
     assert "dataset.json: required when dataset.kind is karpathy" in lines
     assert any(line.startswith("encoders.r50.weights: pretrain needs object labels") for line in lines)
+
+
+def test_variant_inherits_its_parent_and_overrides_some_keys():
+    c = _config()
+    c["decoders"]["ud_small"] = {"variant_of": "updown", "rnn_size": 64, "train": {"epochs": 2}}
+    c["decoders"]["updown"]["train"] = {"lr": 0.003}
+    s = decoder_settings(c, "ud_small")
+    assert s["arch"] == "updown" and s["rnn_size"] == 64
+    assert s["input_encoding_size"] == c["decoders"]["updown"]["input_encoding_size"]
+    assert s["train"] == {"lr": 0.003, "epochs": 2}  # train keys merge, the variant's win
+    assert decoder_settings(c, "updown") == c["decoders"]["updown"]
+
+
+def test_decoder_entry_needs_an_arch_or_a_parent():
+    c = _config()
+    c["decoders"]["orphan"] = {"rnn_size": 64}
+    assert schema_problems(c, SCHEMA) == [
+        "decoders.orphan: needs an arch, or a variant_of entry to inherit one from"]
+
+
+def test_stage_decoders_and_their_names_are_checked():
+    c = _config()
+    assert stage_decoders(c, "compress") == ["updown", "aoanet", "transformer"]
+    c["compress"]["decoders"] = None
+    assert stage_decoders(c, "compress") == list(c["decoders"])
+    c["scst"]["decoders"] = ["updown", "lstm"]
+    c["encoders"]["mnv3s"]["decoders"] = ["gru"]
+    c["decoders"]["aoanet_slim"]["arch"] = "updown"
+    lines = config_problems(c)
+    assert any(line.startswith("scst.decoders: 'lstm' is not one of the decoders") for line in lines)
+    assert any(line.startswith("encoders.mnv3s.decoders: 'gru' is not one of the decoders") for line in lines)
+    assert any(line.startswith("decoders.aoanet_slim.arch: a variant keeps its parent's arch") for line in lines)

@@ -251,3 +251,20 @@ def test_init_from_conflicts_are_user_errors(base, tmp_path):
     save_decoder(create_decoder("updown", 10, 7, **TINY), other)
     with pytest.raises(UserError, match="feat_dim 7, the training data 6"):
         finetune_pruned(other, feats, prep, out, "global", 0.5, **FT)
+
+
+def test_gradual_rises_step_by_step_within_one_epoch():
+    m = tiny_decoder()
+    pr = Pruner("gradual", 0.9, epochs=1)
+    pr.on_epoch_start(m, 0, steps=4)
+    seen = [pruned_fraction(pr.masks)]
+    for step in range(1, 4):
+        pr.on_step(m, 0, step, 4)
+        seen.append(pruned_fraction(pr.masks))
+    expected = [0.9 * (1 - (1 - k / 4) ** 3) for k in range(1, 5)]
+    assert seen == pytest.approx(expected, abs=0.005) and seen == sorted(seen) and seen[0] < 0.9
+    assert measured_sparsity(m)["sparsity"] == pytest.approx(0.9, abs=0.005)
+    one_shot = Pruner("global", 0.9)
+    one_shot.on_epoch_start(m, 0, steps=4)
+    one_shot.on_step(m, 0, 1, 4)  # a no-op for fixed methods
+    assert pruned_fraction(one_shot.masks) == pytest.approx(0.9, abs=0.005)

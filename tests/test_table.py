@@ -80,3 +80,29 @@ def test_summary_also_judges_against_the_same_encoders_dense_model(tmp_path):
     text = summary_markdown(build_table(_metrics(tmp_path, rows), ["big-ud-xe", "big-tf-xe"]))
     assert "Against the dense fp32 model with the same encoder, `small-ud-xe`" in text
     assert "| 2% | `small-ud-int8` | 3.00 | 97.0% | 0.8900 | -1.11% |" in text
+
+
+def test_latency_file_replaces_the_metrics_latency_and_must_cover_every_variant(tmp_path):
+    files = _metrics(tmp_path, ROWS)
+    write_json(tmp_path / "lat.json", {r["variant"]: 100.0 + k for k, r in enumerate(ROWS)})
+    df = build_table(files, ["big-ud-xe", "big-tf-xe"], tmp_path / "lat.json").set_index("variant")
+    assert df.loc["small-ud-xe", "latency_ms"] == 101.0 and df.loc["big-tf-xe", "latency_ms"] == 103.0
+    write_json(tmp_path / "lat.json", {"big-ud-xe": 1.0})
+    with pytest.raises(UserError, match="no latency for variant 'small-ud-xe'"):
+        build_table(files, ["big-ud-xe", "big-tf-xe"], tmp_path / "lat.json")
+
+
+def test_summary_sets_scst_and_distilled_rows_beside_cross_entropy(tmp_path):
+    from captioning.results.summary import summary_markdown
+
+    rows = [dict(r, training="xe", quantization="fp32") for r in ROWS]
+    rows += [{"variant": "small-ud-scst", "encoder": "small", "decoder": "ud", "training": "scst", "quantization": "fp32",
+              "size_mb": 10.0, "CIDEr": 0.99, "latency_ms": 1.0},
+             {"variant": "small-ud-kd", "encoder": "small", "decoder": "ud", "training": "kd", "quantization": "fp32",
+              "size_mb": 10.0, "CIDEr": 0.81, "latency_ms": 1.0},
+             {"variant": "small-ud-scst-int8", "encoder": "small", "decoder": "ud", "training": "scst",
+              "quantization": "int8", "size_mb": 3.0, "CIDEr": 0.5, "latency_ms": 1.0}]
+    text = summary_markdown(build_table(_metrics(tmp_path, rows), ["big-ud-xe", "big-tf-xe"]))
+    assert "| `small-ud-scst` | scst | 0.9000 | 0.9900 | +10.00% |" in text
+    assert "| `small-ud-kd` | kd | 0.9000 | 0.8100 | -10.00% |" in text
+    assert "small-ud-scst-int8` | scst" not in text  # only fp32 rows compare training alone

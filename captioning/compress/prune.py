@@ -11,11 +11,10 @@ Methods (``PRUNE_METHODS``):
 - ``global``: one magnitude threshold over all prunable weights, so layers whose weights are
   small lose more of them;
 - ``layerwise``: every prunable tensor loses the same fraction of its own smallest weights;
-- ``gradual``: global masks whose sparsity rises over the fine-tuning epochs on the cubic
-  schedule of Zhu & Gupta (2017), ``s_e = s * (1 - (1 - (e + 1) / E) ** 3)`` at the start of
-  0-based epoch ``e`` of ``E``. The ``+ 1`` makes the last epoch train at exactly ``s``
-  (the others are warm-up and never eligible as the kept checkpoint) and lets ``E = 1``
-  mean one-shot pruning.
+- ``gradual``: global masks whose sparsity rises step by step over the fine-tuning on the cubic
+  schedule of Zhu & Gupta (2017), ``s_t = s * (1 - (1 - t / T) ** 3)`` after optimizer step ``t``
+  of ``T``. The last step trains at exactly ``s``; only the last epoch (which ends there) is
+  eligible as the kept checkpoint. Step-wise, one fine-tuning epoch is still gradual.
 
 Exactly ``round(ratio * n)`` weights are pruned: ties at the threshold are broken by position
 (parameter order, then row-major), so the same weights always give the same masks. Weights
@@ -169,24 +168,37 @@ class Pruner:
         self.masks: dict[str, torch.Tensor] | None = None
         self._drop: dict[str, torch.Tensor] = {}  # ~masks, cached for the per-step hooks
 
-    def ratio_at(self, epoch: int) -> float:
-        """The sparsity in force during ``epoch``."""
+    def ratio_at(self, epoch: int, frac: float = 1.0) -> float:
+        """The sparsity in force ``frac`` of the way through ``epoch`` (by the end of it, by default)."""
         if not self.spec.gradual:
             return self.ratio
-        e = min(max(epoch, 0), self.epochs - 1)
-        return self.ratio * (1.0 - (1.0 - (e + 1) / self.epochs) ** 3)
+        t = min(max(epoch + frac, 0.0) / self.epochs, 1.0)
+        return self.ratio * (1.0 - (1.0 - t) ** 3)
 
     def at_target(self, epoch: int) -> bool:
         """True once the final sparsity is in force: only such epochs may become the kept checkpoint."""
         return not self.spec.gradual or epoch >= self.epochs - 1
 
-    def on_epoch_start(self, decoder: nn.Module, epoch: int) -> None:
+    def on_epoch_start(self, decoder: nn.Module, epoch: int, steps: int | None = None) -> None:
         """(Re)compute the masks for this epoch's sparsity and zero the pruned weights.
 
+        With ``steps`` (the epoch's optimizer steps), ``gradual`` starts at its first step's
+        sparsity and ``on_step`` raises it step by step; without, it takes the epoch's final one.
         For fixed methods the masks of the first call are kept (recomputing gives the same ones).
         """
-        self._set_masks(make_masks(decoder, self.method, self.ratio_at(epoch), previous=self.masks))
+        frac = 1.0 / steps if self.spec.gradual and steps else 1.0
+        self._set_masks(make_masks(decoder, self.method, self.ratio_at(epoch, frac), previous=self.masks))
         self.after_step(decoder)
+
+    def on_step(self, decoder: nn.Module, epoch: int, step: int, steps: int) -> None:
+        """Before optimizer step ``step`` (0-based) of ``steps``: ``gradual`` raises the sparsity.
+
+        Step-wise, the schedule stays gradual even over a single fine-tuning epoch.
+        """
+        if self.spec.gradual and step > 0:
+            ratio = self.ratio_at(epoch, (step + 1) / steps)
+            self._set_masks(make_masks(decoder, self.method, ratio, previous=self.masks))
+            self.after_step(decoder)
 
     @torch.no_grad()
     def before_step(self, decoder: nn.Module) -> None:

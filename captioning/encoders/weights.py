@@ -7,7 +7,6 @@ only through ``torch.load(weights_only=True)``, which refuses anything but tenso
 from __future__ import annotations
 
 import importlib
-import pickle
 import re
 from pathlib import Path
 
@@ -77,15 +76,17 @@ def read_state_dict(path: str | Path) -> dict:
     elif path.suffix in (".pth", ".pt", ".bin"):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # weights_only refused it: never retried unsafely
-            why = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            if why:
-                raise UserError(f"{path}: refused, loading it would unpickle arbitrary objects "
-                                f"(it references {why[1]}); save a plain state_dict or .safetensors") from None
-            detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
-            raise UserError(f"{path}: refused, not a plain torch state dict "
-                            f"({detail[1] if detail else 'weights-only load failed'})") from None
-        except Exception as e:  # truncated zip, not a torch file at all
+        except Exception as e:  # never retried unsafely
+            # weights_only refusing a file raises UnpicklingError (matched by name, not imported)
+            if type(e).__name__ == "UnpicklingError":
+                why = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                if why:
+                    raise UserError(f"{path}: refused, loading it would unpickle arbitrary objects "
+                                    f"(it references {why[1]}); save a plain state_dict or .safetensors") from None
+                detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
+                raise UserError(f"{path}: refused, not a plain torch state dict "
+                                f"({detail[1] if detail else 'weights-only load failed'})") from None
+            # truncated zip, not a torch file at all
             raise UserError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
     else:
         raise UserError(f"{path}: unknown weights format (expected .safetensors, .pth or .pt)")

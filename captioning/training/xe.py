@@ -441,15 +441,18 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str, decoder_cfg
         cur_lr = lr_at(epoch, lr, lr_decay_every, lr_decay_rate)
         for g in optimizer.param_groups:
             g["lr"] = cur_lr
+        steps = data.num_batches("train", batch_size)
         if pruner is not None:
-            pruner.on_epoch_start(decoder, epoch)
+            pruner.on_epoch_start(decoder, epoch, steps)
 
         decoder.train()
         total, kd_total, n = 0.0, 0.0, 0
         bar = tqdm(data.batches("train", batch_size, shuffle=True, generator=gen),
-                   total=data.num_batches("train", batch_size), desc=f"{stage} epoch {epoch + 1}/{epochs}",
+                   total=steps, desc=f"{stage} epoch {epoch + 1}/{epochs}",
                    file=sys.stderr, disable=not progress, leave=False)
-        for b in bar:
+        for step, b in enumerate(bar):
+            if pruner is not None:
+                pruner.on_step(decoder, epoch, step, steps)
             b.labels = trim_padding(b.labels)  # on the host: finding the length needs no GPU sync
             b = to_device(b, device, pin_memory)
             seq = b.labels

@@ -6,7 +6,7 @@ import sys
 from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)  # the package, when the workflow runs from a checkout
-from captioning.config import check_config, decoder_settings, stage_decoders  # noqa: E402
+from captioning.config import check_config, decoder_settings, gpu_jobs, stage_decoders  # noqa: E402
 
 
 # One line naming the key for a bad value, then Snakemake's validate fills in the defaults.
@@ -18,6 +18,8 @@ DS = config["dataset"]["name"]
 DATA = f"data/{DS}"
 WORK = f"work/{DS}"
 PREP = f"{WORK}/prepared"
+# The gpu resource of training jobs: 1 on CUDA (one at a time locally, --gpus=1 on SLURM), else 0.
+GPU = gpu_jobs(config["device"])
 # Rules call the library through its CLI, with the interpreter that runs Snakemake.
 CAPTIONING = f"{sys.executable} -m captioning"
 

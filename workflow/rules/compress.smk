@@ -25,11 +25,12 @@ rule prune_finetune:
         f"logs/benchmarks/prune_finetune/{DS}-{{enc}}-{{dec}}-{{train}}_{{method}}{{ratio}}.tsv"
     conda:
         "../envs/captioning.yaml"
+    priority: 1
     threads: config["train"]["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=1,
+        gpu=GPU,
     shell:
         "{params.cli} prune --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
         " --method {wildcards.method} --ratio {wildcards.ratio} --finetune {params.finetune:q}"

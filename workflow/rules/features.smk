@@ -28,7 +28,7 @@ rule encoder_weights:
     resources:
         mem_mb=6000,
         runtime=120,
-        gpu=lambda wc: 1 if encoder_cfg(wc).get("weights", "pretrain") == "pretrain" else 0,
+        gpu=lambda wc: GPU if encoder_cfg(wc).get("weights", "pretrain") == "pretrain" else 0,
     shell:
         "{params.cli} encoder --timm-name {params.cfg[timm_name]} --img-size {params.cfg[img_size]}"
         " --weights {params.cfg[weights]} {params.objects} --prepared {params.prep}"

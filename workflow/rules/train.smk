@@ -26,11 +26,13 @@ rule train_xe:
         f"logs/benchmarks/train_xe/{DS}-{{enc}}-{{dec}}.tsv"
     conda:
         "../envs/captioning.yaml"
+    # Long jobs that unlock many others go first, so short evaluations fill the gaps at the end.
+    priority: 2
     threads: config["train"]["threads"]
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1,
+        gpu=GPU,
     shell:
         "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"
         " --decoder-config {params.dec:q} --train-config {params.train:q} --seed {params.seed}"
@@ -61,11 +63,12 @@ rule train_scst:
         f"logs/benchmarks/train_scst/{DS}-{{enc}}-{{dec}}.tsv"
     conda:
         "../envs/captioning.yaml"
+    priority: 1
     threads: config["train"]["threads"]
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1,
+        gpu=GPU,
     shell:
         "{params.cli} scst --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
         " --scst {params.scst:q} --seed {params.seed} --threads {threads} --device {params.device}"
@@ -101,11 +104,12 @@ rule train_kd:
         f"logs/benchmarks/train_kd/{DS}-{{enc}}-{{dec}}.tsv"
     conda:
         "../envs/captioning.yaml"
+    priority: 1
     threads: config["train"]["threads"]
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1,
+        gpu=GPU,
     shell:
         "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"
         " --decoder-config {params.dec:q} --train-config {params.train:q} --seed {params.seed}"

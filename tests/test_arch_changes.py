@@ -37,13 +37,7 @@ CASES = [(d, o) for d in DECODERS for o in OPTIONS]
 SEQ = torch.tensor([[1, 2, 0], [4, 5, 6], [7, 0, 0]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread only adds overhead, and a lot of it on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def tiny(name, option=None, **kw):

@@ -14,13 +14,7 @@ from captioning.evaluation.evaluate import count_params
 IMAGES = sorted((Path(__file__).parent / "data" / "coco5" / "train2014").glob("*.jpg"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 cores shared with other jobs: several torch threads spin against each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _prune(module, zeros):

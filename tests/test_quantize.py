@@ -12,13 +12,7 @@ from captioning.errors import UserError
 DENSE_OF = {"sparse_raw": "raw", "sparse_fp16": "fp16", "sparse_int8": "int8_row"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 cores shared with other jobs: several torch threads spin against each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _tensor(shape, zeros=0.0, seed=0):

@@ -153,7 +153,7 @@ def test_profile_plans_the_dag(tmp_path):
     assert "Using profile" in r.stderr and "profiles/default" not in r.stderr
     assert job_counts_in(r.stdout) == {"synthetic_dataset": 1, "prepare_captions": 1, "encoder_weights": 2,
                                        "features": 2, "train_xe": 2, "prune_finetune": 1, "pack": 3,
-                                       "evaluate": 3, "table": 1}
+                                       "evaluate": 3, "latency": 1, "table": 1}
 
 
 @pytest.mark.integration

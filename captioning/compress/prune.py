@@ -187,8 +187,7 @@ class Pruner:
         For fixed methods the masks of the first call are kept (recomputing gives the same ones).
         """
         frac = 1.0 / steps if self.spec.gradual and steps else 1.0
-        self._set_masks(make_masks(decoder, self.method, self.ratio_at(epoch, frac), previous=self.masks))
-        self.after_step(decoder)
+        self._prune_to(decoder, self.ratio_at(epoch, frac))
 
     def on_step(self, decoder: nn.Module, epoch: int, step: int, steps: int) -> None:
         """Before optimizer step ``step`` (0-based) of ``steps``: ``gradual`` raises the sparsity.
@@ -196,9 +195,12 @@ class Pruner:
         Step-wise, the schedule stays gradual even over a single fine-tuning epoch.
         """
         if self.spec.gradual and step > 0:
-            ratio = self.ratio_at(epoch, (step + 1) / steps)
-            self._set_masks(make_masks(decoder, self.method, ratio, previous=self.masks))
-            self.after_step(decoder)
+            self._prune_to(decoder, self.ratio_at(epoch, (step + 1) / steps))
+
+    def _prune_to(self, decoder: nn.Module, ratio: float) -> None:
+        """Masks at ``ratio`` (never reviving what is already pruned), and the pruned weights zeroed."""
+        self._set_masks(make_masks(decoder, self.method, ratio, previous=self.masks))
+        self.after_step(decoder)
 
     @torch.no_grad()
     def before_step(self, decoder: nn.Module) -> None:

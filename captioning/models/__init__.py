@@ -1,64 +1,21 @@
-"""Caption decoders: a registry, one constructor, and safe (safetensors) save/load.
+"""Caption decoders: the registry (``registry.py``), the families, and safe (safetensors) save/load.
 
 Adding a decoder means adding one file that subclasses ``CaptionDecoder`` and decorates the
-class with ``@register_decoder("name")``, then naming the module in ``_DECODER_MODULES``.
+class with ``@register_decoder("name")``, then adding it to the family import below.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 from ..errors import UserError
 from ..io import load_tensors, save_tensors
 from .base import CaptionDecoder
+from .registry import create_decoder, list_decoders, register_decoder
+
+# The families, after the registry: importing them runs their @register_decoder lines.
+from . import aoanet, transformer, updown  # noqa: F401  isort: skip
 
 FORMAT = "captioning.decoder/1"
-
-_REGISTRY: dict[str, type[CaptionDecoder]] = {}
-
-# Modules whose import registers decoders; a module not written yet is skipped.
-_DECODER_MODULES = ("updown", "aoanet", "transformer")
-
-
-def register_decoder(name: str):
-    """Class decorator: make ``create_decoder(name, ...)`` build this class."""
-
-    def wrap(cls: type[CaptionDecoder]) -> type[CaptionDecoder]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"decoder {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_builtin() -> None:
-    for mod in _DECODER_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
-
-
-def list_decoders() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def create_decoder(name: str, vocab_size: int, feat_dim: int, **cfg) -> CaptionDecoder:
-    """Build a registered decoder; unknown names or settings are a UserError."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise UserError(f"unknown decoder {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
-    known = getattr(cls, "config_keys", None)
-    if known is not None:
-        bad = sorted(set(cfg) - set(known))
-        if bad:
-            raise UserError(f"decoder {name!r}: unknown setting(s) {', '.join(bad)}; known: {', '.join(known)}")
-    return cls(vocab_size=int(vocab_size), feat_dim=int(feat_dim), **cfg)
 
 
 def save_decoder(decoder: CaptionDecoder, path: str | os.PathLike, extra_meta: dict | None = None) -> None:

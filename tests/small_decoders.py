@@ -1,0 +1,67 @@
+"""Every decoder family at contract size: tiny settings, a tiny model, tiny features.
+
+Shared by the decoder contract (test_decoders.py) and the family tests (test_<family>.py).
+"""
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+from captioning.models import create_decoder
+
+V, C = 7, 8  # words, feature size
+SEQ = torch.tensor([[1, 2, 0], [4, 5, 6], [7, 0, 0]])  # one caption per image of feats()
+SEQ2 = torch.tensor([[3, 1, 0, 0], [2, 2, 5, 4], [7, 0, 0, 0], [1, 2, 3, 0]])  # two per image of feats(2)
+PLAIN = {nn.Linear, nn.LSTMCell, nn.Embedding, nn.LayerNorm}  # the weight holders pruning and int8 see
+
+
+class Small(NamedTuple):
+    """A family at contract size."""
+
+    config: dict   # tiny widths, every dropout off
+    dropout: dict  # its dropout settings, switched on
+    weights: set   # the module types that hold its weights, all in PLAIN
+    head: str      # its output layer; bias[0] is the end token's
+    wider: dict    # widths with which Adam at ``lr`` fits a tiny batch in 60 steps
+    lr: float
+
+
+SMALL = {
+    "updown": Small(
+        config=dict(input_encoding_size=12, rnn_size=10, att_hid_size=6, drop_prob=0.0),
+        dropout=dict(drop_prob=0.5),
+        weights={nn.Linear, nn.LSTMCell, nn.Embedding},
+        head="logit",
+        wider=dict(input_encoding_size=16, rnn_size=64, att_hid_size=16), lr=1e-2),
+    "aoanet": Small(
+        config=dict(input_encoding_size=12, rnn_size=16, att_hid_size=8, num_heads=4, refiner_layers=2,
+                    drop_prob=0.0, att_dropout=0.0, aoa_dropout=0.0),
+        dropout=dict(drop_prob=0.5, att_dropout=0.1, aoa_dropout=0.3),
+        weights={nn.Linear, nn.LSTMCell, nn.Embedding, nn.LayerNorm},
+        head="logit",
+        wider=dict(input_encoding_size=16, rnn_size=32, att_hid_size=32), lr=5e-3),
+    "transformer": Small(
+        config=dict(d_model=16, d_ff=24, num_heads=4, enc_layers=2, dec_layers=2, dropout=0.0, drop_prob=0.0),
+        dropout=dict(dropout=0.1, drop_prob=0.5),
+        weights={nn.Linear, nn.Embedding, nn.LayerNorm},
+        head="generator",
+        wider=dict(d_model=32, d_ff=64), lr=3e-3),
+}
+
+
+def small(name: str) -> Small:
+    if name not in SMALL:
+        pytest.fail(f"decoder {name!r} is registered but has no entry in SMALL (tests/test_decoders.py); "
+                    "add its tiny settings so that it gets the decoder contract")
+    return SMALL[name]
+
+
+def tiny(name: str, **kw):
+    torch.manual_seed(0)
+    return create_decoder(name, vocab_size=V, feat_dim=C, **{**small(name).config, **kw})
+
+
+def feats(b=3, n=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, C, generator=g), torch.randn(b, n, C, generator=g)

@@ -1,9 +1,11 @@
-"""Checks of the workflow config that JSON Schema cannot express, run before any job starts.
+"""The workflow config's check, run once before any job starts: JSON Schema, its defaults filled in,
+then the cross-key rules the schema cannot express.
 
 Imported by the Snakefile, so it must stay light (no torch).
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -98,22 +100,6 @@ def config_problems(config: dict) -> list[str]:
     return problems
 
 
-def decoder_settings(config: dict, name: str) -> dict:
-    """A decoders entry with its variant_of parent's arch and settings filled in (its own keys win)."""
-    dec = config["decoders"][name]
-    parent = config["decoders"][dec["variant_of"]] if dec.get("variant_of") else {}
-    out = {**parent, **dec}
-    if "train" in parent or "train" in dec:
-        out["train"] = {**parent.get("train", {}), **dec.get("train", {})}
-    return out
-
-
-def stage_decoders(config: dict, stage: str) -> list[str]:
-    """The decoders a stage (compress, scst, distill) covers: its decoders list, or every decoder."""
-    names = config.get(stage, {}).get("decoders")
-    return list(config["decoders"]) if names is None else list(names)
-
-
 def gpu_jobs(device: str) -> int:
     """The ``gpu`` resource of a training job: 1 when it runs on CUDA, else 0.
 
@@ -133,10 +119,31 @@ def load_schema(path) -> dict:
         return yaml.safe_load(f)
 
 
-def check_config(config: dict, schema_path=None) -> None:
-    """Stop with one line per problem (no traceback) when the config is invalid or inconsistent."""
-    problems = schema_problems(config, load_schema(schema_path)) if schema_path else []
-    problems = problems or config_problems(config)
+def fill_defaults(config: dict, schema: dict) -> None:
+    """Set every missing key that has a schema default, at every depth, as Snakemake's
+    ``validate(config, schema, set_default=True)`` does (defaults are copied, not shared)."""
+    from jsonschema import Draft202012Validator, validators
+
+    properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator, props, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if "default" in sub:
+                    instance.setdefault(key, copy.deepcopy(sub["default"]))
+        yield from properties(validator, props, instance, schema)
+
+    validators.extend(Draft202012Validator, {"properties": set_defaults})(schema).validate(config)
+
+
+def validate_config(config: dict, schema_path) -> None:
+    """Check the config once before any job starts: the schema, then (defaults filled in) the
+    cross-key rules. Stops with one line per problem and no traceback, so the user sees which key."""
+    schema = load_schema(schema_path)
+    problems = schema_problems(config, schema)
+    if not problems:
+        fill_defaults(config, schema)
+        problems = config_problems(config)
     if problems:
         for p in problems:
             print(f"config error: {p}", file=sys.stderr)

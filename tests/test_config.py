@@ -3,7 +3,8 @@ from pathlib import Path
 
 import yaml
 
-from captioning.config import config_problems, decoder_settings, load_schema, schema_problems, stage_decoders
+from captioning.config import config_problems, load_schema, schema_problems
+from captioning.variants import decoder_settings, stage_decoders
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(ROOT / "workflow/schemas/config.schema.yaml")

@@ -1,18 +1,17 @@
-# Config validation and the functions that turn the config into target lists.
+# Config validation and the functions that turn the config into target lists; the grid itself
+# (what each variant is called and what it is) lives in captioning/variants.py, where it is tested.
 import json
 import os
 import sys
 
-from snakemake.utils import validate
-
 sys.path.insert(0, workflow.basedir)  # the package, when the workflow runs from a checkout
-from captioning.config import check_config, decoder_settings, gpu_jobs, stage_decoders  # noqa: E402
+from captioning.config import gpu_jobs, validate_config  # noqa: E402
+from captioning.variants import Variant, baseline_variants, decoder_family, decoder_settings, grid  # noqa: E402
 
 
-# One line naming the key for a bad value, then Snakemake's validate fills in the defaults.
-check_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
-validate(config, schema="../schemas/config.schema.yaml", set_default=True)
-check_config(config)
+# The schema (one line naming the key for a bad value), its defaults filled into config, then the
+# cross-key rules.
+validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
 DS = config["dataset"]["name"]
 DATA = f"data/{DS}"
@@ -65,87 +64,21 @@ def train_args(wc, extra=None):
     return as_json({**t, **decoder_cfg(wc).get("train", {}), **(extra or {})})
 
 
-# A variant is {enc}-{dec}-{dstage}-{quant}: dstage names how the decoder was trained and
-# pruned (xe, or xe_global0.9: pruned to 90% by global magnitude, then fine-tuned).
-def dstage_name(train, method=None, ratio=None):
-    return train if method is None else f"{train}_{method}{ratio:g}"
-
-
-def parse_dstage(dstage):
-    train, _, prune = dstage.partition("_")
-    if not prune:
-        return train, None, 0.0
-    method = prune.rstrip("0123456789.")
-    return train, method, float(prune[len(method):])
-
-
-def variant_name(enc, dec, dstage, quant):
-    return f"{enc}-{dec}-{dstage}-{quant}"
-
-
 def variant_meta(wc):
-    """What a variant is, recorded in its artifact and metrics: the table's identity columns."""
-    train, method, ratio = parse_dstage(wc.dstage)
-    if method:
-        stage = "prune"
-    elif wc.quant != "fp32":
-        stage = "quantize"
-    elif train != "xe":
-        stage = {"kd": "distill"}.get(train, train)
-    elif "variant_of" in config["decoders"][wc.dec]:
-        stage = "architecture"
-    else:
-        stage = "baseline" if wc.enc == config["baseline_encoder"] else "encoder"
-    return {
-        "variant": variant_name(wc.enc, wc.dec, wc.dstage, wc.quant),
-        "dataset": DS,
-        "encoder": wc.enc,
-        "decoder": wc.dec,
-        "family": decoder_family(wc.dec),
-        "stage": stage,
-        "training": train,
-        "prune_method": method,
-        "prune_ratio": ratio,
-        "quantization": wc.quant,
-    }
+    """What a variant is, as the --meta JSON recorded in its artifact and metrics."""
+    return as_json(Variant(wc.enc, wc.dec, wc.dstage, wc.quant).meta(config))
 
 
-def decoder_family(dec):
-    """The decoder whose baseline a decoder's rows are compared with (itself, or what it is a variant of)."""
-    return config["decoders"][dec].get("variant_of", dec)
-
-
-def all_variants():
-    """(enc, dec, dstage, quant) of every table row: baseline and encoder replacement for every
-    encoder and its decoders, then for the compress encoders and decoders every quantization of the
-    dense and pruned decoders, then the distilled and SCST rows."""
-    c = config["compress"]
-    p = c["prune"]
-    # Baseline and encoder replacement; an architecture variant needs no big-encoder row of its own
-    # (it is compared with its family's baseline).
-    out = [(e, d, "xe", "fp32") for e, enc in config["encoders"].items()
-           for d in (enc.get("decoders") or config["decoders"])
-           if not ("variant_of" in config["decoders"][d] and e == config["baseline_encoder"])]
-    stages = ["xe"] + [dstage_name("xe", p["method"], r) for r in p["ratios"]]
-    stages += [dstage_name("xe", m, p["compare_ratio"]) for m in p["compare_methods"]]
-    for e in c["encoders"]:
-        for d in stage_decoders(config, "compress"):
-            out += [(e, d, s, q) for s in dict.fromkeys(stages) for q in c["quantization"]]
-    for e in config["distill"]["encoders"]:
-        # each student beside the same decoder trained without a teacher
-        out += [(e, d, t, "fp32") for d in stage_decoders(config, "distill") for t in ("xe", "kd")]
-    for e in config["scst"]["encoders"]:
-        out += [(e, d, "scst", q) for d in stage_decoders(config, "scst") for q in config["scst"]["quantization"]]
-    return list(dict.fromkeys(out))
+def all_artifacts():
+    return [f"{WORK}/artifacts/{v.name}.capz" for v in grid(config)]
 
 
 def all_metrics():
-    return [f"results/eval/{DS}/{variant_name(*v)}/metrics.json" for v in all_variants()]
+    return [f"results/eval/{DS}/{v.name}/metrics.json" for v in grid(config)]
 
 
-def baseline_variants():
-    families = dict.fromkeys(decoder_family(d) for d in config["decoders"])
-    return [variant_name(config["baseline_encoder"], d, "xe", "fp32") for d in families]
+def baseline_names():
+    return [v.name for v in baseline_variants(config)]
 
 
 def dataset_json():

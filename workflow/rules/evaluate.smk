@@ -15,7 +15,7 @@ rule evaluate:
     params:
         cli=CAPTIONING,
         e=config["evaluate"],
-        meta=lambda wc: as_json(variant_meta(wc)),
+        meta=variant_meta,
         prep=lambda wc, input: os.path.dirname(input.info),
         out=lambda wc, output: os.path.dirname(output.metrics),
         device=config["device"],
@@ -40,7 +40,7 @@ rule latency:
     message:
         "Timing every artifact of {DS} on CPU"
     input:
-        models=lambda wc: [f"{WORK}/artifacts/{variant_name(*v)}.capz" for v in all_variants()],
+        models=all_artifacts(),
         images=rules.prepare_captions.output.images,
         info=rules.prepare_captions.output.info,
     output:
@@ -79,7 +79,7 @@ rule table:
         summary=report("results/summary.md", caption="../report/summary.rst", category="Results"),
     params:
         cli=CAPTIONING,
-        baseline=baseline_variants(),
+        baseline=baseline_names(),
     log:
         "logs/table/table.log",
     benchmark:

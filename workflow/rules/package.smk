@@ -14,7 +14,7 @@ rule pack:
         f"{WORK}/artifacts/{{enc}}-{{dec}}-{{dstage}}-{{quant}}.capz",
     params:
         cli=CAPTIONING,
-        meta=lambda wc: as_json(variant_meta(wc)),
+        meta=variant_meta,
         prep=lambda wc, input: os.path.dirname(input.info),
     log:
         f"logs/pack/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",

@@ -80,7 +80,7 @@ rule train_kd:
         "Distilling decoder {wildcards.dec} on encoder {wildcards.enc} features from the baseline teacher"
     input:
         # the teacher: the student's family decoder (itself, or what it is a variant of) on the big encoder
-        teacher=lambda wc: f"{WORK}/decoders/{config['baseline_encoder']}/{decoder_family(wc.dec)}/xe.safetensors",
+        teacher=lambda wc: f"{WORK}/decoders/{config['baseline_encoder']}/{decoder_family(config, wc.dec)}/xe.safetensors",
         teacher_features=f"{WORK}/features/{config['baseline_encoder']}.h5",
         features=rules.features.output,
         labels=rules.prepare_captions.output.labels,

@@ -1,0 +1,140 @@
+"""The experiment grid: what a variant is, how it is named, and every variant the config asks for.
+
+A variant is one row of the results table and one artifact, named ``{enc}-{dec}-{dstage}-{quant}``
+(e.g. ``lite0-updown-xe_global0.9-int8``) so that a file list reads as the experiment. ``dstage``
+says how the decoder was trained and pruned: ``xe``, ``scst``, ``kd``, or ``xe_global0.9`` (pruned
+to 90% by global magnitude, then fine-tuned).
+
+Imported by the Snakefile, so it must stay light (no torch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def decoder_settings(config: dict, name: str) -> dict:
+    """A decoders entry with its variant_of parent's arch and settings filled in (its own keys win)."""
+    dec = config["decoders"][name]
+    parent = config["decoders"][dec["variant_of"]] if dec.get("variant_of") else {}
+    out = {**parent, **dec}
+    if "train" in parent or "train" in dec:
+        out["train"] = {**parent.get("train", {}), **dec.get("train", {})}
+    return out
+
+
+def stage_decoders(config: dict, stage: str) -> list[str]:
+    """The decoders a stage (compress, scst, distill) covers: its decoders list, or every decoder."""
+    names = config.get(stage, {}).get("decoders")
+    return list(config["decoders"]) if names is None else list(names)
+
+
+def decoder_family(config: dict, dec: str) -> str:
+    """The decoder whose baseline a decoder's rows are compared with (itself, or what it is a variant of)."""
+    return config["decoders"][dec].get("variant_of", dec)
+
+
+def dstage_name(train: str, method: str | None = None, ratio: float | None = None) -> str:
+    """``xe``, or ``xe_global0.9`` for a decoder pruned to that ratio by that method."""
+    return train if method is None else f"{train}_{method}{ratio:g}"
+
+
+def parse_dstage(dstage: str) -> tuple[str, str | None, float]:
+    """(training, prune method or None, prune ratio or 0.0): the inverse of dstage_name."""
+    train, _, prune = dstage.partition("_")
+    if not prune:
+        return train, None, 0.0
+    method = prune.rstrip("0123456789.")
+    return train, method, float(prune[len(method):])
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One table row: encoder, decoder, how the decoder was trained and pruned, quantization."""
+
+    enc: str
+    dec: str
+    dstage: str = "xe"
+    quant: str = "fp32"
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        """The variant a name such as ``lite0-updown-xe_global0.9-int8`` stands for."""
+        parts = name.split("-")
+        if len(parts) != 4 or not all(parts):
+            raise ValueError(f"not a variant name ({{enc}}-{{dec}}-{{dstage}}-{{quant}}): {name!r}")
+        return cls(*parts)
+
+    @property
+    def name(self) -> str:
+        return f"{self.enc}-{self.dec}-{self.dstage}-{self.quant}"
+
+    @property
+    def training(self) -> str:
+        return parse_dstage(self.dstage)[0]
+
+    @property
+    def prune_method(self) -> str | None:
+        return parse_dstage(self.dstage)[1]
+
+    @property
+    def prune_ratio(self) -> float:
+        return parse_dstage(self.dstage)[2]
+
+    def stage(self, config: dict) -> str:
+        """The one change this row measures against its baseline, checked from the most specific:
+        a pruned decoder, then quantization, then SCST or distillation, then an architecture
+        variant, then a replaced encoder."""
+        if self.prune_method:
+            return "prune"
+        if self.quant != "fp32":
+            return "quantize"
+        if self.training != "xe":
+            return {"kd": "distill"}.get(self.training, self.training)
+        if "variant_of" in config["decoders"][self.dec]:
+            return "architecture"
+        return "baseline" if self.enc == config["baseline_encoder"] else "encoder"
+
+    def meta(self, config: dict) -> dict:
+        """What the variant is, recorded in its artifact and metrics: the table's identity columns."""
+        return {
+            "variant": self.name,
+            "dataset": config["dataset"]["name"],
+            "encoder": self.enc,
+            "decoder": self.dec,
+            "family": decoder_family(config, self.dec),
+            "stage": self.stage(config),
+            "training": self.training,
+            "prune_method": self.prune_method,
+            "prune_ratio": self.prune_ratio,
+            "quantization": self.quant,
+        }
+
+
+def grid(config: dict) -> list[Variant]:
+    """Every table row, once, in table order: baseline and encoder replacement for every encoder and
+    its decoders; then for the compress encoders and decoders every quantization of the dense and
+    pruned decoders; then the distilled and the SCST rows."""
+    c = config["compress"]
+    p = c["prune"]
+    # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.
+    out = [Variant(e, d) for e, enc in config["encoders"].items()
+           for d in (enc.get("decoders") or config["decoders"])
+           if not ("variant_of" in config["decoders"][d] and e == config["baseline_encoder"])]
+    stages = ["xe"] + [dstage_name("xe", p["method"], r) for r in p["ratios"]]
+    stages += [dstage_name("xe", m, p["compare_ratio"]) for m in p["compare_methods"]]
+    for e in c["encoders"]:
+        out += [Variant(e, d, s, q) for d in stage_decoders(config, "compress")
+                for s in stages for q in c["quantization"]]
+    for e in config["distill"]["encoders"]:
+        # each student beside the same decoder trained without a teacher
+        out += [Variant(e, d, t) for d in stage_decoders(config, "distill") for t in ("xe", "kd")]
+    for e in config["scst"]["encoders"]:
+        out += [Variant(e, d, "scst", q) for d in stage_decoders(config, "scst")
+                for q in config["scst"]["quantization"]]
+    return list(dict.fromkeys(out))
+
+
+def baseline_variants(config: dict) -> list[Variant]:
+    """The big-encoder row of each decoder family: what every other row of that family is compared with."""
+    families = dict.fromkeys(decoder_family(config, d) for d in config["decoders"])
+    return [Variant(config["baseline_encoder"], d) for d in families]

@@ -1,0 +1,149 @@
+"""The experiment grid: variant names, what each variant is, and which variants the config asks for."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from captioning.variants import Variant, baseline_variants, decoder_family, dstage_name, grid, parse_dstage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def _small():
+    """Two encoders, a decoder and its architecture variant, every stage on with one setting each."""
+    return {
+        "dataset": {"name": "mini"},
+        "baseline_encoder": "big",
+        "encoders": {"big": {"timm_name": "resnet50"}, "small": {"timm_name": "mobilenetv3_small_100"}},
+        "decoders": {"u": {"arch": "updown"}, "u_slim": {"variant_of": "u", "rnn_size": 8}},
+        # global at the compare ratio is already in the sweep: one row, not two
+        "compress": {"encoders": ["small"], "decoders": ["u"], "quantization": ["fp32", "int8"],
+                     "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
+                               "compare_methods": ["global", "gradual"]}},
+        "distill": {"encoders": ["small"], "decoders": ["u_slim"]},
+        "scst": {"encoders": ["small"], "decoders": ["u"], "quantization": ["fp32", "int8"]},
+    }
+
+
+@pytest.mark.parametrize("train, method, ratio, dstage", [
+    ("xe", None, 0.0, "xe"),
+    ("scst", None, 0.0, "scst"),
+    ("kd", None, 0.0, "kd"),
+    ("xe", "global", 0.9, "xe_global0.9"),
+    ("xe", "layerwise", 0.95, "xe_layerwise0.95"),
+    ("xe", "gradual", 0.5, "xe_gradual0.5"),
+])
+def test_dstage_name_and_parse_are_inverses(train, method, ratio, dstage):
+    assert dstage_name(train, method, ratio if method else None) == dstage
+    assert parse_dstage(dstage) == (train, method, ratio)
+
+
+def test_variant_name_round_trip_and_parts():
+    v = Variant.parse("lite0-updown-xe_global0.9-int8")
+    assert v == Variant("lite0", "updown", "xe_global0.9", "int8")
+    assert v.name == "lite0-updown-xe_global0.9-int8"
+    assert (v.training, v.prune_method, v.prune_ratio) == ("xe", "global", 0.9)
+    plain = Variant("r50", "aoanet_slim")  # dstage and quantization default to the dense fp32 decoder
+    assert plain.name == "r50-aoanet_slim-xe-fp32" and Variant.parse(plain.name) == plain
+    assert (plain.training, plain.prune_method, plain.prune_ratio) == ("xe", None, 0.0)
+
+
+@pytest.mark.parametrize("name", ["lite0-updown-xe", "lite0-up-down-xe-fp32", "lite0--xe-fp32", ""])
+def test_parse_refuses_what_is_not_a_variant_name(name):
+    with pytest.raises(ValueError, match="not a variant name"):
+        Variant.parse(name)
+
+
+@pytest.mark.parametrize("name, stage", [
+    ("r50-updown-xe-fp32", "baseline"),
+    ("mnv3s-updown-xe-fp32", "encoder"),
+    ("lite0-updown_slim-xe-fp32", "architecture"),
+    ("r50-updown_slim-xe-fp32", "architecture"),
+    ("lite0-updown-xe-int8", "quantize"),
+    ("lite0-updown-xe_global0.9-fp32", "prune"),
+    ("lite0-updown-xe_gradual0.9-fp16", "prune"),  # pruning is the change it measures, quantized or not
+    ("lite0-updown-scst-fp32", "scst"),
+    ("lite0-updown-scst-int8", "quantize"),
+    ("lite0-updown_slim-kd-fp32", "distill"),
+])
+def test_stage_is_the_one_change_a_row_measures(name, stage):
+    assert Variant.parse(name).stage(_config()) == stage
+
+
+def test_meta_is_the_tables_identity_columns_in_order():
+    meta = Variant.parse("lite0-transformer_slim-xe_layerwise0.7-fp16").meta(_config())
+    assert meta == {
+        "variant": "lite0-transformer_slim-xe_layerwise0.7-fp16",
+        "dataset": "synth",
+        "encoder": "lite0",
+        "decoder": "transformer_slim",
+        "family": "transformer",
+        "stage": "prune",
+        "training": "xe",
+        "prune_method": "layerwise",
+        "prune_ratio": 0.7,
+        "quantization": "fp16",
+    }
+    assert list(meta) == ["variant", "dataset", "encoder", "decoder", "family", "stage", "training",
+                          "prune_method", "prune_ratio", "quantization"]
+
+
+def test_decoder_family_is_the_parent_of_a_variant():
+    c = _config()
+    assert decoder_family(c, "aoanet_slim") == "aoanet"
+    assert decoder_family(c, "aoanet") == "aoanet"
+
+
+def test_default_grid():
+    c = _config()
+    variants = grid(c)
+    names = [v.name for v in variants]
+    # xe rows: r50 x 3 families + mnv3s x updown + lite0 x 6 decoders = 10; compress: lite0 x 3 decoders x
+    # (xe + 5 global ratios + gradual0.9) x 3 quantizations = 63, less the 3 dense fp32 rows already there;
+    # distill: updown_slim kd (its xe row is there); scst: 3 decoders.
+    assert len(variants) == 10 + 60 + 1 + 3 == 74
+    assert len(set(names)) == len(names)
+    assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
+    assert all(Variant.parse(n) == v for n, v in zip(names, variants))
+    assert {"lite0-aoanet-xe_gradual0.9-int8", "lite0-updown_slim-kd-fp32",
+            "lite0-transformer-scst-fp32"} <= set(names)
+    assert not any(n.startswith("r50-") and "_slim" in n for n in names)  # compared with the family baseline
+    stages = [v.stage(c) for v in variants]
+    assert stages.count("baseline") == 3 and stages.count("distill") == 1 and stages.count("scst") == 3
+
+
+def test_small_grid_equals_the_hand_written_rows_in_order():
+    assert [v.name for v in grid(_small())] == [
+        "big-u-xe-fp32", "small-u-xe-fp32", "small-u_slim-xe-fp32",
+        "small-u-xe-int8", "small-u-xe_global0.5-fp32", "small-u-xe_global0.5-int8",
+        "small-u-xe_gradual0.5-fp32", "small-u-xe_gradual0.5-int8",
+        "small-u_slim-kd-fp32",
+        "small-u-scst-fp32", "small-u-scst-int8",
+    ]
+
+
+def test_stages_turned_off_leave_the_cross_entropy_rows():
+    c = _small()
+    for stage in ("compress", "distill", "scst"):
+        c[stage]["encoders"] = []
+    assert [v.name for v in grid(c)] == ["big-u-xe-fp32", "small-u-xe-fp32", "small-u_slim-xe-fp32"]
+
+
+def test_baseline_variants_one_per_family_on_the_baseline_encoder():
+    c = _config()
+    assert [v.name for v in baseline_variants(c)] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32",
+                                                      "r50-transformer-xe-fp32"]
+    assert set(baseline_variants(c)) <= set(grid(c))
+    assert [v.name for v in baseline_variants(_small())] == ["big-u-xe-fp32"]
+
+
+def test_importing_the_grid_does_not_import_torch():
+    """The Snakefile imports it: planning the DAG must not wait for torch."""
+    code = "import sys, captioning.variants, captioning.config; sys.exit('torch' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

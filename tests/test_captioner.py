@@ -39,7 +39,7 @@ def _captioner(zeros=0.0):
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
     if zeros:
         _prune(enc, zeros), _prune(dec, zeros)
-    return Captioner(enc, dec, {i: f"w{i}" for i in range(1, 31)}, max_len=10)
+    return Captioner(enc, dec, {i: f"w{i}" for i in range(1, 31)}, max_length=10)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def _logprobs(cap, images, steps=3):
 @pytest.mark.parametrize("mode", QUANT_MODES)
 def test_loaded_artifact_equals_in_memory_quantized_model(tmp_path, images, mode, zeros):
     cap = _captioner(zeros)
-    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, max_len=10, quantization=mode)
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, max_length=10, quantization=mode)
     loaded, memory = load_captioner(tmp_path / "m.capz"), quantize_captioner(cap, mode)
     assert loaded.quantization == memory.quantization == mode
     assert loaded.config["runtime"] == {"quantization": mode}
@@ -106,7 +106,7 @@ def test_int8_state_groups_count_like_fp32():
 
 def test_int8_artifact_runs_on_cpu_whatever_the_device(tmp_path):
     cap = _captioner()
-    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, quantization="int8")
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, cap.max_length, quantization="int8")
     loaded = load_captioner(tmp_path / "m.capz", device="cuda")
     assert loaded.device == "cpu"
     assert next(loaded.encoder.parameters()).device.type == "cpu"
@@ -116,7 +116,7 @@ def test_int8_artifact_runs_on_cpu_whatever_the_device(tmp_path):
 
 def test_fp16_artifact_computes_in_fp32(tmp_path):
     cap = _captioner()
-    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, quantization="fp16")
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, cap.max_length, quantization="fp16")
     loaded = load_captioner(tmp_path / "m.capz")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     w = loaded.decoder.logit.weight
@@ -126,10 +126,10 @@ def test_fp16_artifact_computes_in_fp32(tmp_path):
 def test_unknown_quantization_is_a_user_error(tmp_path):
     cap = _captioner()
     with pytest.raises(UserError, match="int4"):
-        pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, quantization="int4")
+        pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, cap.max_length, quantization="int4")
     with pytest.raises(UserError, match="int4"):
         quantize_captioner(cap, "int4")
-    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow)
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, cap.max_length)
     config, groups = artifact.read(tmp_path / "m.capz")
     artifact.pack(tmp_path / "bad.capz", groups, {**config, "runtime": {"quantization": "int4"}})
     with pytest.raises(UserError, match=r"bad\.capz: unknown quantization 'int4'"):
@@ -138,7 +138,7 @@ def test_unknown_quantization_is_a_user_error(tmp_path):
 
 def test_artifact_whose_weights_do_not_fit_its_config_is_a_user_error(tmp_path):
     cap = _captioner()
-    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow)
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, cap.max_length)
     config, groups = artifact.read(tmp_path / "m.capz")
     artifact.pack(tmp_path / "bad.capz", groups, {**config, "decoder": {**config["decoder"], "rnn_size": 8}})
     with pytest.raises(UserError, match=r"bad\.capz: decoder weights do not match"):
@@ -146,3 +146,23 @@ def test_artifact_whose_weights_do_not_fit_its_config_is_a_user_error(tmp_path):
     artifact.pack(tmp_path / "bad.capz", groups, {k: v for k, v in config.items() if k != "vocab"})
     with pytest.raises(UserError, match="bad.capz: artifact config is incomplete"):
         load_captioner(tmp_path / "bad.capz")
+
+
+def test_max_length_travels_with_the_artifact(tmp_path):
+    """The caption length limit is stored (key ``max_len``) and read back; there is no default."""
+    cap = _captioner()
+    pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, max_length=7)
+    loaded = load_captioner(tmp_path / "m.capz")
+    assert loaded.config["max_len"] == loaded.max_length == 7
+    assert quantize_captioner(loaded, "fp16").max_length == 7
+    config, groups = artifact.read(tmp_path / "m.capz")
+    artifact.pack(tmp_path / "old.capz", groups, {k: v for k, v in config.items() if k != "max_len"})
+    with pytest.raises(UserError, match=r"^\S*old\.capz: no 'max_len' \(the caption length limit\)$"):
+        load_captioner(tmp_path / "old.capz")
+    for bad in (0, "16", 2.5, True):
+        artifact.pack(tmp_path / "bad.capz", groups, {**config, "max_len": bad})
+        with pytest.raises(UserError, match=r"bad\.capz: 'max_len' must be an integer >= 1"):
+            load_captioner(tmp_path / "bad.capz")
+    with pytest.raises(UserError, match="'max_length' must be an integer >= 1, got 0"):
+        pack_model(tmp_path / "zero.capz", cap.encoder, cap.decoder, cap.itow, max_length=0)
+    assert not (tmp_path / "zero.capz").exists()

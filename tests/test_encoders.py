@@ -10,7 +10,7 @@ import timm
 import torch
 from PIL import Image
 
-from captioning.encoders import create_encoder, load_encoder, save_encoder
+from captioning.encoders import create_encoder, extract_dataset, load_encoder, make_encoder, save_encoder
 from captioning.encoders.features import encode_images, extract_features
 from captioning.encoders.pretrain import pretrain
 from captioning.encoders.weights import init_weights, lite_state_dict
@@ -150,14 +150,20 @@ def test_mismatched_weights(tmp_path):
         init_weights(create_encoder("resnet18", img_size=32), tmp_path / "missing.safetensors")
 
 
-def test_pretrain_reduces_loss(tmp_path):
+def _objects_dataset(root: Path) -> None:
+    """Red and blue squares labelled by colour: images.json, objects.json and info.json in ``root``."""
     red, blue = (220, 20, 20), (20, 20, 220)
     colours = [(red if n % 2 else blue, "train") for n in range(16)] + [(red, "val"), (blue, "val")]
-    items = _images(tmp_path, colours)
-    (tmp_path / "images.json").write_text(json.dumps(items))
+    items = _images(root, colours)
+    (root / "images.json").write_text(json.dumps(items))
     objects = {"label_names": ["red", "blue"],
                "images": [{"cocoid": it["id"], "labels": [0 if c == red else 1]} for it, (c, _) in zip(items, colours)]}
-    (tmp_path / "objects.json").write_text(json.dumps(objects))
+    (root / "objects.json").write_text(json.dumps(objects))
+    (root / "info.json").write_text(json.dumps({"image_root": str(root)}))
+
+
+def test_pretrain_reduces_loss(tmp_path):
+    _objects_dataset(tmp_path)
     enc = create_encoder("resnet18", img_size=32)
     hist = pretrain(enc, tmp_path / "objects.json", tmp_path / "images.json", tmp_path,
                     epochs=4, batch_size=8, lr=1e-3, seed=0, device="cpu")
@@ -192,3 +198,38 @@ def test_extract_features_matches_encode_images(tmp_path):
     torch.testing.assert_close(att_h5, att[0], rtol=2e-3, atol=2e-3)
     with pytest.raises(UserError, match="image folder not found"):
         extract_features(enc, tmp_path / "images.json", tmp_path / "nope", out)
+
+
+def test_make_encoder_weight_sources(tmp_path):
+    """One call per source; with ``out`` it saves the encoder and logs {"weights", "history"}."""
+    x = torch.randn(1, 3, 32, 32)
+    random, history = make_encoder("resnet18", 32, "random", seed=5)
+    assert history == {} and torch.equal(random.model.conv1.weight, create_encoder("resnet18", 32).model.conv1.weight)
+    save_encoder(random, tmp_path / "r18.safetensors")
+    from_file, _ = make_encoder("resnet18", 32, str(tmp_path / "r18.safetensors"), out=tmp_path / "copy.safetensors",
+                                log_json=tmp_path / "log.json")
+    with torch.no_grad():
+        assert torch.equal(load_encoder(tmp_path / "copy.safetensors").eval()(x)[0], random.eval()(x)[0])
+    assert json.loads((tmp_path / "log.json").read_text()) == {"weights": str(tmp_path / "r18.safetensors"),
+                                                               "history": {}}
+    with pytest.raises(UserError, match="needs objects.json"):
+        make_encoder("resnet18", 32, "pretrain", prepared=tmp_path)
+    _objects_dataset(tmp_path)
+    settings = {"epochs": 1, "batch_size": 8}
+    enc, history = make_encoder("resnet18", 32, "pretrain", objects=tmp_path / "objects.json", prepared=tmp_path,
+                                pretrain=settings, device="cpu")
+    direct = pretrain(create_encoder("resnet18", 32), tmp_path / "objects.json", tmp_path / "images.json", tmp_path,
+                      device="cpu", **settings)
+    assert history == direct
+
+
+def test_extract_dataset_reads_the_prepared_directory(tmp_path):
+    items = _images(tmp_path, [((200, 30 * n, 10), "train") for n in range(3)])
+    (tmp_path / "images.json").write_text(json.dumps(items))
+    (tmp_path / "info.json").write_text(json.dumps({"image_root": str(tmp_path)}))
+    enc = create_encoder("mobilenetv3_small_100", img_size=32)
+    save_encoder(enc, tmp_path / "enc.safetensors")
+    extract_dataset(tmp_path / "enc.safetensors", tmp_path, tmp_path / "a.h5", batch_size=2, device="cpu")
+    extract_features(enc, tmp_path / "images.json", tmp_path, tmp_path / "b.h5", batch_size=2, device="cpu")
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert all(np.array_equal(a[k][:], b[k][:]) for k in ("ids", "fc", "att"))

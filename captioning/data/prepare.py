@@ -130,6 +130,14 @@ def load_vocab(prepared_dir) -> dict[int, str]:
         raise UserError(f"{path}: 'itow' keys must be integers") from None
 
 
+def split_images(prepared, split: str = "test") -> tuple[list[dict], list[Path]]:
+    """The prepared images of one split, and their files."""
+    prepared = Path(prepared)
+    info = read_json(prepared / "info.json")
+    images = [im for im in read_json(prepared / "images.json") if im["split"] == split]
+    return images, [Path(info["image_root"]) / im["file_path"] for im in images]
+
+
 def decode(itow: dict[int, str], seq) -> str:
     """Word indices -> a caption string, stopping at the first 0 (end token)."""
     words = []

@@ -4,6 +4,7 @@ The captioning decoders read two things per image, as in Up-Down:
 ``att`` [B, H*W, C], the last feature map flattened into regions, and
 ``fc`` [B, C], its mean, a global summary. ``forward_features`` gives the
 map for every timm CNN, so any timm name works without per-model code.
+``make_encoder`` and ``extract_dataset`` (module ``make``) are the workflow's two encoder stages.
 """
 from __future__ import annotations
 
@@ -103,4 +104,7 @@ def load_encoder(path: str | Path) -> FeatureEncoder:
     return encoder.eval()
 
 
-__all__ = ["FeatureEncoder", "create_encoder", "save_encoder", "load_encoder", "IMAGENET_MEAN", "IMAGENET_STD"]
+from .make import extract_dataset, make_encoder  # noqa: E402 (they build on the above)
+
+__all__ = ["FeatureEncoder", "create_encoder", "save_encoder", "load_encoder", "make_encoder", "extract_dataset",
+           "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..io import read_json, write_json
+from ..data.prepare import split_images
+from ..io import write_json
 
 
 def count_params(captioner) -> tuple[int, int]:
@@ -25,17 +26,14 @@ def count_params(captioner) -> tuple[int, int]:
     return total, nonzero
 
 
-def split_images(prepared, split: str = "test") -> tuple[list[dict], list[Path]]:
-    """The prepared images of one split, and their files."""
-    prepared = Path(prepared)
-    info = read_json(prepared / "info.json")
-    images = [im for im in read_json(prepared / "images.json") if im["split"] == split]
-    return images, [Path(info["image_root"]) / im["file_path"] for im in images]
-
-
 def evaluate(model, prepared, out_dir, split="test", beam_size=3, batch_size=16,
              latency_images=20, threads=1, spice="auto", device="cpu", meta=None) -> dict:
-    """Caption, score and size one artifact; ``latency_images`` 0 leaves latency to ``measure_artifacts``."""
+    """Caption, score and size one artifact; ``latency_images`` 0 leaves latency to ``measure_artifacts``.
+
+    ``threads`` is the CPU thread count of the latency timing only (recorded as ``threads``): the
+    captioning that is scored runs with torch's current thread count, so scores do not depend on it.
+    ``device``: where the captioning runs ("auto": CUDA when present); latency is timed on CPU.
+    """
     from ..captioner import load_captioner
     from .metrics import meteor_scorer, score_captions
 

@@ -1,4 +1,8 @@
-"""CPU latency per image as a phone user would feel it: batch 1, raw image in, caption out."""
+"""CPU latency per image as a phone user would feel it: batch 1, raw image in, caption out.
+
+``threads`` here is the CPU thread count of the timing alone: torch's thread count is set to it
+while timing and restored afterwards, so whatever else the process computes is unaffected.
+"""
 from __future__ import annotations
 
 import statistics
@@ -28,8 +32,10 @@ def measure_latency(captioner, paths, beam_size: int = 3, threads: int = 1, warm
     return statistics.median(times)
 
 
-def measure_artifacts(models, paths, beam_size: int = 3, threads: int = 1) -> dict[str, float]:
-    """``measure_latency`` of many artifacts back to back in one process: {file stem: ms}.
+def measure_artifacts(models, prepared, out=None, split: str = "test", images: int = 20, beam_size: int = 3,
+                      threads: int = 1) -> dict[str, float]:
+    """``measure_latency`` of many artifacts back to back in one process, on the first ``images``
+    images of a prepared dataset's ``split``: {file stem: ms}, also written to ``out`` if given.
 
     One job times every variant on an otherwise idle machine, so the numbers compare; evaluation
     itself then needs no exclusive machine.
@@ -39,9 +45,14 @@ def measure_artifacts(models, paths, beam_size: int = 3, threads: int = 1) -> di
     from tqdm import tqdm
 
     from ..captioner import load_captioner
+    from ..io import write_json
+    from ..data.prepare import split_images
 
-    out = {}
+    paths = split_images(prepared, split)[1][:images]
+    ms = {}
     for model in tqdm(models, desc="latency", unit="model"):
-        out[Path(model).name.removesuffix(".capz")] = measure_latency(
+        ms[Path(model).name.removesuffix(".capz")] = measure_latency(
             load_captioner(model, device="cpu"), paths, beam_size, threads)
-    return out
+    if out is not None:
+        write_json(out, ms)
+    return ms

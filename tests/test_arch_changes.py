@@ -186,9 +186,9 @@ def test_greedy_and_beam_search(name, option):
         head(m).bias[0] += 1.0  # make the end token likely: hypotheses of mixed lengths
     fc, att = feats(4, seed=3)
     with torch.no_grad():
-        g = greedy(m, fc, att, max_len=6)
-        assert torch.equal(beam_search(m, fc, att, beam_size=1, max_len=6), g)
-        seqs, scores = beam_search(m, fc, att, beam_size=3, max_len=6, return_all=True)
+        g = greedy(m, fc, att, max_length=6)
+        assert torch.equal(beam_search(m, fc, att, beam_size=1, max_length=6), g)
+        seqs, scores = beam_search(m, fc, att, beam_size=3, max_length=6, return_all=True)
         for k in range(3):  # each score is the hypothesis' teacher-forced log-probability
             s = seqs[:, k]
             lp = m(fc, att, s)
@@ -225,7 +225,7 @@ def test_dynamic_int8_quantization_runs(name, option):
         got = q(fc, att, SEQ)
         diff = (want - got).abs().max().item()
         assert 0 < diff < 0.1
-        assert greedy(q, fc, att, max_len=4).shape == (3, 4)
+        assert greedy(q, fc, att, max_length=4).shape == (3, 4)
 
 
 @pytest.mark.parametrize("name,option", CASES)
@@ -246,4 +246,4 @@ def test_tiny_model_overfits_tiny_batch(name, option):
         losses.append(loss.item())
     assert losses[-1] < 0.01 * losses[0]
     with torch.no_grad():
-        assert torch.equal(greedy(m.eval(), fc, att, max_len=5), seq)
+        assert torch.equal(greedy(m.eval(), fc, att, max_length=5), seq)

@@ -12,12 +12,12 @@ from captioning.io import load_tensors
 from captioning.models import create_decoder, load_decoder, read_decoder_meta
 from captioning.training import CaptionData, train_xe
 from captioning.training.distill import Teacher, kd_loss, token_mask
-from captioning.training.xe import file_sha256
-from test_training import SPLITS, TINY, W, make_dataset  # the tiny fake dataset of the training tests
+from captioning.training.checkpoint import file_sha256
+from helpers import SPLITS, TINY, W, make_dataset
 
 torch.set_num_threads(1)
 BIG_C = 10  # the teacher's "big encoder" feature size; the student's is test_training.C = 6
-KW = dict(batch_size=3, lr=1e-2, seed=4, threads=1, progress=False)
+KW = dict(batch_size=3, lr=1e-2, seed=4, progress=False)
 SWAP = {"dog": "cat", "cat": "dog", "runs": "sits", "sits": "runs", "grass": "mat", "mat": "grass"}
 
 

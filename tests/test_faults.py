@@ -2,7 +2,7 @@
 same config gives the same table.
 
 Snakemake deletes the declared output of a killed job before rerunning it, so training keeps its
-state in undeclared siblings of the output (``xe.run_files``) and writes the output only at the end.
+state in undeclared siblings of the output (``checkpoint.run_files``) and writes the output only at the end.
 """
 import contextlib
 import csv
@@ -25,11 +25,11 @@ from captioning.models import load_decoder, read_decoder_meta, save_decoder
 from captioning.results.table import COLUMNS
 from captioning.training import train_xe
 from captioning.training.scst import train_scst
-from captioning.training.xe import run_files
-from test_training import TINY as TINY_DECODER, make_dataset  # the tiny fake dataset of the training tests
-from test_workflow import ROOT, SNAKEMAKE, TINY, smk, write_config
+from captioning.training.checkpoint import run_files
+from helpers import ROOT, SNAKEMAKE, TINY_DAG, make_dataset, smk, write_config
+from helpers import TINY as TINY_DECODER  # the tiny decoder of the training tests
 
-KW = dict(batch_size=3, lr=5e-3, seed=3, threads=1, progress=False)
+KW = dict(batch_size=3, lr=5e-3, seed=3, progress=False)
 
 
 def _weights(path) -> dict:
@@ -69,14 +69,14 @@ def _wait_for_epoch(resume_path: Path, proc: subprocess.Popen, epoch: int, timeo
 _HANG_AFTER_EPOCH_1 = """
 import json, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-from captioning.training import xe
-from test_training import TINY
-save = xe._save_resume
-def save_then_hang(path, decoder, optimizer, meta, pruner=None):
-    save(path, decoder, optimizer, meta, pruner)
+from captioning.training import loop, xe
+from helpers import TINY
+save = loop.save_resume
+def save_then_hang(path, decoder, optimizer, meta, mask=None):
+    save(path, decoder, optimizer, meta, mask)
     if meta["epoch"] == 1:
         time.sleep(600)
-xe._save_resume = save_then_hang
+loop.save_resume = save_then_hang
 xe.train_xe({feats!r}, {prep!r}, {out!r}, "updown", TINY, epochs=3, **json.loads({kw!r}))
 """
 
@@ -142,7 +142,7 @@ def test_train_scst_resumes_after_its_output_was_deleted(tmp_path, capfd):
     feats, prep = make_dataset(tmp_path)
     xe = tmp_path / "xe.safetensors"
     train_xe(feats, prep, xe, "updown", TINY_DECODER, epochs=2, **KW)
-    kw = dict(KW, lr=1e-2, sample_n=2, max_len=8)
+    kw = dict(KW, lr=1e-2, sample_n=2, max_length=8)
     full, out = tmp_path / "full" / "scst.safetensors", tmp_path / "cut" / "scst.safetensors"
     ref = train_scst(xe, feats, prep, full, epochs=2, **kw)
     train_scst(xe, feats, prep, out, epochs=1, keep_resume=True, **kw)
@@ -159,11 +159,11 @@ def test_train_scst_resumes_after_its_output_was_deleted(tmp_path, capfd):
 
 EPOCHS = 6
 # One encoder that is also the baseline, no compression, SCST or distillation: one training job.
-SMALL = {**TINY, "encoders": {"lite0": TINY["encoders"]["lite0"]}, "baseline_encoder": "lite0",
-         "decoders": {"updown": TINY["decoders"]["updown"]},
-         "train": {**TINY["train"], "epochs": EPOCHS, "batch_size": 4},
-         "compress": {**TINY["compress"], "encoders": [], "decoders": None},
-         "scst": {**TINY["scst"], "encoders": [], "decoders": None},
+SMALL = {**TINY_DAG, "encoders": {"lite0": TINY_DAG["encoders"]["lite0"]}, "baseline_encoder": "lite0",
+         "decoders": {"updown": TINY_DAG["decoders"]["updown"]},
+         "train": {**TINY_DAG["train"], "epochs": EPOCHS, "batch_size": 4},
+         "compress": {**TINY_DAG["compress"], "encoders": [], "decoders": None},
+         "scst": {**TINY_DAG["scst"], "encoders": [], "decoders": None},
          "distill": {"encoders": []}}
 VARIANT = "lite0-updown-xe-fp32"
 XE_OUT = "work/tiny/decoders/lite0/updown/xe.safetensors"

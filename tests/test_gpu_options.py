@@ -2,7 +2,7 @@
 
 There is no GPU on the development machine, so the CUDA-only paths run here by stand-ins: fake
 ``pin_memory``/``to`` methods record what ``to_device`` would do with a CUDA device, and a CPU
-entry in ``xe.AMP_DTYPES`` (bfloat16) switches on the very autocast + GradScaler path that CUDA
+entry in ``amp.AMP_DTYPES`` (bfloat16) switches on the very autocast + GradScaler path that CUDA
 takes. On a machine with CUDA the amp tests run on the GPU itself.
 """
 import math
@@ -14,21 +14,23 @@ from captioning.compress.prune import Pruner, measured_sparsity
 from captioning.errors import UserError
 from captioning.io import load_tensors, read_json, save_tensors
 from captioning.models import read_decoder_meta
-from captioning.training import xe
+from captioning.training import amp
 from captioning.training.loader import Batch, to_device
 from captioning.training.scst import train_scst
-from captioning.training.xe import MixedPrecision, optimizer_step, run_files, train_xe
+from captioning.training.amp import MixedPrecision, optimizer_step
+from captioning.training.checkpoint import run_files
+from captioning.training.xe import train_xe
 
-from test_training import TINY, make_dataset  # the tiny fake dataset of the training tests
+from helpers import TINY, make_dataset
 
-FAST = dict(batch_size=3, lr=1e-2, max_len=8, seed=0, threads=1, progress=False)
+FAST = dict(batch_size=3, lr=1e-2, max_length=8, seed=0, progress=False)
 NOTE = "amp is a no-op on cpu"
 
 
 @pytest.fixture(autouse=True)
 def fresh_note_and_threads(monkeypatch):
     """Each test sees the one-time amp note as if first; train_* set torch's thread count, restore it."""
-    monkeypatch.setattr(xe, "_amp_noted", set())
+    monkeypatch.setattr(amp, "_amp_noted", set())
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -38,7 +40,7 @@ def amp_device(monkeypatch) -> str:
     """CUDA when present; else the CPU with the CUDA path switched on (bf16 autocast + a real GradScaler)."""
     if torch.cuda.is_available():
         return "cuda"
-    monkeypatch.setitem(xe.AMP_DTYPES, "cpu", torch.bfloat16)
+    monkeypatch.setitem(amp.AMP_DTYPES, "cpu", torch.bfloat16)
     return "cpu"
 
 

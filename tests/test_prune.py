@@ -2,15 +2,14 @@
 import pytest
 import torch
 
-from captioning.compress.prune import (PRUNE_METHODS, Pruner, finetune_pruned, make_masks, measured_sparsity,
-                                       prunable)
+from captioning.compress.prune import PRUNE_METHODS, Pruner, make_masks, measured_sparsity, prunable
 from captioning.errors import UserError
 from captioning.io import load_tensors
 from captioning.models import create_decoder, load_decoder, read_decoder_meta, save_decoder
-from captioning.training import train_xe
-from test_training import TINY, make_dataset  # the tiny fake dataset of the training tests
+from captioning.training import finetune_pruned, train_xe
+from helpers import TINY, make_dataset
 
-FT = dict(batch_size=3, seed=2, progress=False, threads=1)
+FT = dict(batch_size=3, seed=2, progress=False)
 
 
 def tiny_decoder(seed=0, **cfg):

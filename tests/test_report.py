@@ -14,18 +14,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import smk, write_config
+
 PROBE = Path(__file__).parent / "report" / "probe.js"
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 
 # Two encoders and one decoder, no compression: the smallest run whose report has every part.
 CONFIG = {
@@ -52,18 +50,12 @@ WINDOW = (2000, 1300)
 pytestmark = pytest.mark.integration
 
 
-def snakemake(workdir, *args):
-    r = subprocess.run(SNAKEMAKE + ["-d", str(workdir), "--cores", "2", *args],
-                       capture_output=True, text=True, cwd=workdir)
-    assert r.returncode == 0, f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     work = tmp_path_factory.mktemp("report")
-    (work / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    snakemake(work, "results/table.csv")
-    snakemake(work, "--report", "results/report.html")
+    write_config(work, CONFIG)
+    smk(work, "results/table.csv")
+    smk(work, "--report", "results/report.html")
     return work
 
 

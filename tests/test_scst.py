@@ -14,9 +14,9 @@ from captioning.models.search import sample
 from captioning.training import CaptionData, train_xe
 from captioning.training.scst import leave_one_out_mean, scst_loss, train_references, train_scst
 
-from test_training import CAPS, TINY, make_dataset  # the tiny fake dataset of the training tests
+from helpers import CAPS, TINY, make_dataset
 
-FAST = dict(batch_size=3, lr=1e-2, max_len=8, sample_n=4, threads=1, progress=False)
+FAST = dict(batch_size=3, lr=1e-2, max_length=8, sample_n=4, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("scst")
     feats, prep = make_dataset(root)
     xe = root / "xe.safetensors"
-    train_xe(feats, prep, xe, "updown", TINY, epochs=2, batch_size=3, lr=1e-2, seed=0, threads=1, progress=False)
+    train_xe(feats, prep, xe, "updown", TINY, epochs=2, batch_size=3, lr=1e-2, seed=0, progress=False)
     yield feats, prep, xe
     torch.set_num_threads(threads)
 
@@ -78,7 +78,7 @@ def test_scst_raises_the_expected_reward(base, tmp_path, baseline):
 
     def expected_reward(decoder):
         with torch.no_grad():
-            seq, _ = sample(decoder.eval(), fc, att, 200, max_len=8, generator=torch.Generator().manual_seed(1))
+            seq, _ = sample(decoder.eval(), fc, att, 200, max_length=8, generator=torch.Generator().manual_seed(1))
         return scorer.scores(np.repeat(ids, 200).tolist(), data.decode(seq)).mean()
 
     out = tmp_path / "scst.safetensors"

@@ -35,7 +35,7 @@ def model(seed=0):
         for end_bias in (0.0, 0.5, 1.0, 1.5):
             m = random_model(s, end_bias)
             with torch.no_grad():
-                n = (greedy(m, fc, att, max_len=6) > 0).sum(1)
+                n = (greedy(m, fc, att, max_length=6) > 0).sum(1)
             if len(set(n.tolist())) >= 3 and (n == 6).any() and (n < 6).any():
                 return m
     raise AssertionError("no suitable random model")
@@ -63,8 +63,8 @@ def assert_zero_padded(seq):
 def test_beam_one_is_greedy(seed):
     m, (fc, att) = model(seed), feats(8, 99)
     with torch.no_grad():
-        g = greedy(m, fc, att, max_len=6)
-        assert torch.equal(beam_search(m, fc, att, beam_size=1, max_len=6), g)
+        g = greedy(m, fc, att, max_length=6)
+        assert torch.equal(beam_search(m, fc, att, beam_size=1, max_length=6), g)
     assert g.shape == (8, 6)
     assert_zero_padded(g)
     assert (g[:, 0] > 0).any() and (g == 0).any()  # the test sees both words and ends
@@ -73,8 +73,8 @@ def test_beam_one_is_greedy(seed):
 def test_beam_hypotheses_sorted_valid_and_scored_right():
     m, (fc, att) = random_model(0, end_bias=-1.0), feats(8, 99)
     with torch.no_grad():
-        seqs, scores = beam_search(m, fc, att, beam_size=3, max_len=6, return_all=True)
-        best = beam_search(m, fc, att, beam_size=3, max_len=6)
+        seqs, scores = beam_search(m, fc, att, beam_size=3, max_length=6, return_all=True)
+        best = beam_search(m, fc, att, beam_size=3, max_length=6)
     n = (seqs > 0).sum(2)
     assert (n == 6).any() and ((n > 0) & (n < 6)).any()  # long and ended hypotheses both occur
     assert seqs.shape == (8, 3, 6) and scores.shape == (8, 3)
@@ -89,19 +89,19 @@ def test_beam_hypotheses_sorted_valid_and_scored_right():
 
 
 def test_wide_beam_finds_the_exact_best_caption():
-    """With K >= (V+1)^(max_len-1) beam search is exhaustive: compare with brute force."""
-    max_len = 3
+    """With K >= (V+1)^(max_length-1) beam search is exhaustive: compare with brute force."""
+    max_length = 3
     m, (fc, att) = model(4), feats(8, 99)
     fc, att = fc[:3], att[:3]
     cands = []
-    for n in range(1, max_len + 1):
+    for n in range(1, max_length + 1):
         for words in itertools.product(range(1, V + 1), repeat=n):
-            cands.append(list(words) + [0] * (max_len - n))
-    cands.append([0] * max_len)
+            cands.append(list(words) + [0] * (max_length - n))
+    cands.append([0] * max_length)
     cands = torch.tensor(cands)
     with torch.no_grad():
-        best = beam_search(m, fc, att, beam_size=(V + 1) ** (max_len - 1), max_len=max_len)
-        pool, pool_scores = beam_search(m, fc, att, beam_size=(V + 1) ** (max_len - 1), max_len=max_len,
+        best = beam_search(m, fc, att, beam_size=(V + 1) ** (max_length - 1), max_length=max_length)
+        pool, pool_scores = beam_search(m, fc, att, beam_size=(V + 1) ** (max_length - 1), max_length=max_length,
                                         return_all=True)
     for i in range(3):
         s = seq_score(m, fc[i:i + 1].expand(len(cands), -1), att[i:i + 1].expand(len(cands), -1, -1), cands)
@@ -113,18 +113,18 @@ def test_wide_beam_finds_the_exact_best_caption():
 def test_beam_search_is_batch_independent_and_deterministic():
     m, (fc, att) = model(5), feats(8, 99)
     with torch.no_grad():
-        full = beam_search(m, fc, att, beam_size=3, max_len=8)
-        assert torch.equal(full, beam_search(m, fc, att, beam_size=3, max_len=8))
+        full = beam_search(m, fc, att, beam_size=3, max_length=8)
+        assert torch.equal(full, beam_search(m, fc, att, beam_size=3, max_length=8))
         for i in range(5):
-            assert torch.equal(full[i:i + 1], beam_search(m, fc[i:i + 1], att[i:i + 1], beam_size=3, max_len=8))
+            assert torch.equal(full[i:i + 1], beam_search(m, fc[i:i + 1], att[i:i + 1], beam_size=3, max_length=8))
 
 
 def test_sample_logprobs_match_teacher_forcing_and_are_reproducible():
     m, (fc, att) = model(6), feats(8, 99)
-    seq, lp = sample(m, fc, att, n=4, max_len=6, generator=torch.Generator().manual_seed(0))
+    seq, lp = sample(m, fc, att, n=4, max_length=6, generator=torch.Generator().manual_seed(0))
     assert seq.shape == lp.shape == (32, 6) and lp.requires_grad
     assert_zero_padded(seq)
-    seq2, _ = sample(m, fc, att, n=4, max_len=6, generator=torch.Generator().manual_seed(0))
+    seq2, _ = sample(m, fc, att, n=4, max_length=6, generator=torch.Generator().manual_seed(0))
     assert torch.equal(seq, seq2)
     assert len({tuple(s) for s in seq.tolist()}) > 3  # really sampled
     rep = lambda t: t.repeat_interleave(4, 0)  # noqa: E731
@@ -136,5 +136,5 @@ def test_sample_logprobs_match_teacher_forcing_and_are_reproducible():
 def test_low_temperature_sampling_is_greedy():
     m, (fc, att) = model(7), feats(8, 99)
     with torch.no_grad():
-        s, _ = sample(m, fc, att, n=1, temperature=1e-3, max_len=6, generator=torch.Generator().manual_seed(1))
-        assert torch.equal(s, greedy(m, fc, att, max_len=6))
+        s, _ = sample(m, fc, att, n=1, temperature=1e-3, max_length=6, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(s, greedy(m, fc, att, max_length=6))

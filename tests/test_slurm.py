@@ -2,7 +2,7 @@
 
 tests/slurm/start.sh installs and starts slurmctld, slurmd and munged on this machine (root
 and apt-get needed; otherwise the test is skipped and says why). A small variant of the
-workflow test's TINY config then runs twice: once with `--profile profiles/slurm`, every job
+workflow test's TINY_DAG config then runs twice: once with `--profile profiles/slurm`, every job
 an sbatch job, and once locally. The SLURM run must have really gone through sbatch, and
 both runs must give the same table (latency aside: it is a timing).
 """
@@ -17,18 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 import pytest
 
-from test_workflow import ROOT, SNAKEMAKE, TINY, smk, write_config  # the tiny DAG of the workflow test
+from helpers import ROOT, SNAKEMAKE, TINY_DAG, smk, write_config
 
 SCRIPTS = ROOT / "tests" / "slurm"
 PARTITION = "test"
 
-# TINY without the slow parts (resnet50 pretraining, SCST, distillation, the quantization
+# TINY_DAG without the slow parts (resnet50 pretraining, SCST, distillation, the quantization
 # sweep), keeping one rule of each kind: a pretrained encoder and a packaged one, XE training,
 # pruning with fine-tuning, packing, evaluation and the table. 16 jobs.
-SMALL = copy.deepcopy(TINY)
-SMALL["encoders"] = {k: TINY["encoders"][k] for k in ("mnv3s", "lite0")}
+SMALL = copy.deepcopy(TINY_DAG)
+SMALL["encoders"] = {k: TINY_DAG["encoders"][k] for k in ("mnv3s", "lite0")}
 SMALL["baseline_encoder"] = "mnv3s"
-SMALL["decoders"] = {"updown": TINY["decoders"]["updown"]}
+SMALL["decoders"] = {"updown": TINY_DAG["decoders"]["updown"]}
 SMALL["compress"]["decoders"] = SMALL["scst"]["decoders"] = None
 SMALL["compress"]["quantization"] = ["fp32"]
 SMALL["compress"]["prune"]["compare_methods"] = []

@@ -1,8 +1,6 @@
 """Data source, loss, cross-entropy training, determinism and resuming, on a tiny fake dataset."""
 import json
 
-import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -11,55 +9,11 @@ from captioning.io import load_tensors
 from captioning.models import create_decoder, load_decoder, read_decoder_meta
 from captioning.models.search import greedy
 from captioning.training import CaptionData, train_xe
-from captioning.training.xe import cider_d, lr_at, sequence_loss, simple_tokenize, trim_padding
+from captioning.training.loop import trim_padding
+from captioning.training.validate import cider_d, generate_captions, simple_tokenize
+from captioning.training.xe import lr_at, sequence_loss
 
-WORDS = ["a", "dog", "cat", "on", "the", "grass", "mat", "runs", "sits", "red"]
-W = {w: i + 1 for i, w in enumerate(WORDS)}
-# Two kinds of image; captions depend on the kind, features too.
-CAPS = {0: ["a dog runs on the grass", "a red dog runs", "the dog runs on grass", "a dog on the grass", "dog runs"],
-        1: ["a cat sits on the mat", "the cat sits", "a red cat on a mat", "a cat on the mat", "cat sits on mat"]}
-SPLITS = ["train", "train", "restval", "train", "train", "train", "val", "val", "test", "test"]
-L, C, HW = 7, 6, 4
-
-
-def make_dataset(root, n_caps=(5, 5, 3, 5, 5, 1, 5, 5, 5, 5), ids=None, seed=0):
-    """features.h5 and a prepared dir in the formats the earlier stages write."""
-    rng = np.random.default_rng(seed)
-    prep = root / "prepared"
-    prep.mkdir(parents=True, exist_ok=True)
-    n = len(SPLITS)
-    img_ids = list(range(100, 100 + n))
-    kinds = [i % 2 for i in range(n)]
-    images = [{"id": i, "file_path": f"img/{i}.jpg", "split": s} for i, s in zip(img_ids, SPLITS)]
-    (prep / "images.json").write_text(json.dumps(images))
-    (prep / "vocab.json").write_text(json.dumps({"itow": {str(i): w for w, i in W.items()}}))
-    labels, start, end = [], [], []
-    for k, nc in zip(kinds, n_caps):
-        start.append(len(labels))
-        for j in range(nc):
-            row = [W[w] for w in CAPS[k][j % 5].split()][:L]
-            labels.append(row + [0] * (L - len(row)))
-        end.append(len(labels))
-    with h5py.File(prep / "labels.h5", "w") as f:
-        f["labels"] = np.array(labels, dtype=np.int32)
-        f["label_start_ix"] = np.array(start, dtype=np.int64)
-        f["label_end_ix"] = np.array(end, dtype=np.int64)
-    for split in ("val", "test"):
-        anns = [{"image_id": i, "id": 10 * i + j, "caption": CAPS[k][j].capitalize() + "."}
-                for i, k, s in zip(img_ids, kinds, SPLITS) if s == split for j in range(5)]
-        refs = {"images": [{"id": a["image_id"]} for a in anns[::5]], "annotations": anns}
-        (prep / f"refs_{split}.json").write_text(json.dumps(refs))
-    centers = rng.normal(size=(2, HW, C))
-    att = np.stack([centers[k] + 0.3 * rng.normal(size=(HW, C)) for k in kinds]).astype(np.float16)
-    feats = root / "features.h5"
-    with h5py.File(feats, "w") as f:
-        f["ids"] = np.array(ids if ids is not None else img_ids, dtype=np.int64)
-        f["fc"] = att.mean(1)
-        f["att"] = att
-    return feats, prep
-
-
-TINY = dict(input_encoding_size=16, rnn_size=16, att_hid_size=8, drop_prob=0.1)
+from helpers import C, CAPS, HW, L, SPLITS, TINY, W, WORDS, make_dataset  # noqa: F401
 
 
 # ---- loader ------------------------------------------------------------------------------------
@@ -87,6 +41,23 @@ def test_loader_batches(tmp_path):
     # same generator seed -> same batches
     again = list(data.batches("train", 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert all(torch.equal(x.labels, y.labels) and x.ids == y.ids for x, y in zip(batches, again))
+
+
+def test_max_length_travels_with_the_prepared_data(tmp_path):
+    """Validation decodes no longer than the captions were prepared: vocab.json's max_length, else the label width."""
+    feats, prep = make_dataset(tmp_path)
+    assert CaptionData(feats, prep).max_length == L
+    vocab = json.loads((prep / "vocab.json").read_text())
+    (prep / "vocab.json").write_text(json.dumps({**vocab, "max_length": 3}))
+    data = CaptionData(feats, prep)
+    assert data.max_length == 3
+    torch.manual_seed(0)
+    m = create_decoder("updown", data.vocab_size, data.feat_dim, **TINY)
+    with torch.no_grad():  # an end token that is never chosen: every caption runs to the limit
+        m.logit.bias[0] = -1e4
+    caps = generate_captions(m, data, "val", progress=False)
+    assert [len(c["caption"].split()) for c in caps] == [3, 3]
+    assert [len(c["caption"].split()) for c in generate_captions(m, data, "val", max_length=5, progress=False)] == [5, 5]
 
 
 def test_loader_user_errors(tmp_path):
@@ -132,6 +103,20 @@ def test_cider_d_prefers_the_right_caption(tmp_path):
         cider_d([{"image_id": 7, "caption": "x"}], refs, "refs_val.json")
 
 
+def test_validation_cider_d_is_pycocoevalcaps():
+    """Validation scores with the vectorised CIDEr-D; it must pick epochs as pycocoevalcap's would."""
+    from pycocoevalcap.cider.cider import Cider
+
+    refs = {i: [f"a {c} {s} on the {p}" for c, s, p in zip(("red", "blue", "red"), ("dog", "cat", "dog"),
+                                                             ("mat", "grass", "grass"))][: 1 + i % 3]
+            for i in range(12)}
+    caps = [{"image_id": i, "caption": ["A red dog on the mat.", "a cat", "blue cat on grass", ""][i % 4]}
+            for i in range(12)]
+    want, _ = Cider().compute_score({i: [simple_tokenize(r) for r in refs[i]] for i in refs},
+                                    {c["image_id"]: [simple_tokenize(c["caption"])] for c in caps})
+    assert cider_d(caps, refs) == pytest.approx(want, rel=1e-12, abs=1e-12) and want > 0
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 def test_tiny_model_overfits_tiny_dataset(tmp_path):
@@ -153,7 +138,7 @@ def test_tiny_model_overfits_tiny_dataset(tmp_path):
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0]
     with torch.no_grad():
-        out = greedy(m.eval(), fc, att, max_len=L)
+        out = greedy(m.eval(), fc, att, max_length=L)
     assert data.decode(out) == data.decode(seq) == [CAPS[0][0], CAPS[1][0]]
 
 

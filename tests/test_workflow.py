@@ -3,73 +3,20 @@
 One module-scoped run builds the table; the other tests reuse it to check caching,
 what a config change reruns, and that bad config values stop the run in one line.
 """
-import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
 from captioning.results.table import COLUMNS
-
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
-
-TINY = {
-    "seed": 0,
-    "dataset": {"name": "tiny", "kind": "synthetic", "word_count_threshold": 1,
-                "synthetic": {"n_train": 40, "n_val": 8, "n_test": 8, "img_size": 64}},
-    "encoders": {
-        "r50": {"timm_name": "resnet50", "weights": "pretrain", "img_size": 64,
-                "pretrain": {"epochs": 1, "batch_size": 20}},
-        "mnv3s": {"timm_name": "mobilenetv3_small_100", "weights": "pretrain", "img_size": 64,
-                  "pretrain": {"epochs": 1, "batch_size": 20}, "decoders": ["updown"]},
-        "lite0": {"timm_name": "tf_efficientnet_lite0", "weights": "efficientnet-lite0", "img_size": 64},
-    },
-    "baseline_encoder": "r50",
-    # All three families and an architecture variant; the stages' decoders lists spread them over the stages.
-    "decoders": {
-        "updown": {"arch": "updown", "input_encoding_size": 32, "rnn_size": 32, "att_hid_size": 16},
-        "aoanet": {"arch": "aoanet", "input_encoding_size": 32, "rnn_size": 32, "att_hid_size": 32, "num_heads": 2,
-                   "refiner_layers": 1, "train": {"lr": 0.001}},
-        "transformer": {"arch": "transformer", "d_model": 32, "d_ff": 64, "num_heads": 2, "enc_layers": 1,
-                        "dec_layers": 1},
-        "updown_slim": {"variant_of": "updown", "rnn_size": 16, "embed_rank": 8},
-    },
-    "train": {"epochs": 1, "batch_size": 10, "threads": 1},
-    "compress": {"encoders": ["lite0"], "decoders": ["updown", "transformer"], "quantization": ["fp32", "fp16", "int8"],
-                 "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
-                           "compare_methods": ["gradual"], "finetune": {"epochs": 2, "batch_size": 10}}},
-    "scst": {"encoders": ["lite0"], "decoders": ["updown", "aoanet"], "epochs": 1, "batch_size": 10, "sample_n": 2},
-    "distill": {"encoders": ["mnv3s"], "decoders": ["updown"]},
-    "evaluate": {"beam_size": 2, "latency_images": 3},
-}
-
-
-def smk(workdir, *args, check=True):
-    r = subprocess.run(SNAKEMAKE + ["-d", str(workdir), "--cores", "2", *args],
-                       capture_output=True, text=True, cwd=workdir)
-    if check and r.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-    return r
-
-
-def write_config(workdir, cfg):
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
-
-
-def planned_jobs(workdir):
-    """The one-line message of every job a dry run plans (each names its wildcards)."""
-    out = smk(workdir, "-n", "results/table.csv").stdout
-    return sorted(re.findall(r"^Job \d+: (.*)$", out, flags=re.M))
+from helpers import ROOT, SNAKEMAKE, TINY_DAG, planned_jobs, smk, write_config
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dag")
-    write_config(work, TINY)
+    write_config(work, TINY_DAG)
     smk(work, "results/table.csv")
     return work
 
@@ -158,19 +105,19 @@ def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
             "Writing the results table of tiny",
         ])
     finally:
-        write_config(tiny_run, TINY)
+        write_config(tiny_run, TINY_DAG)
 
 
 @pytest.mark.integration
 def test_plans_with_no_data_present(tmp_path):
-    write_config(tmp_path, TINY)
+    write_config(tmp_path, TINY_DAG)
     r = smk(tmp_path, "-n", "results/table.csv")
     assert "synthetic_dataset" in r.stdout and "train_xe" in r.stdout
 
 
 @pytest.mark.integration
 def test_bad_config_value_stops_with_one_line(tmp_path):
-    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg = yaml.safe_load(yaml.safe_dump(TINY_DAG))
     cfg["train"]["epochs"] = "many"
     write_config(tmp_path, cfg)
     r = smk(tmp_path, "-n", "results/table.csv", check=False)

@@ -7,7 +7,7 @@ Layout (little-endian)::
 
 The header lists every tensor with its group (encoder/decoder), shape, dtype and
 encoding, and where each of its byte chunks lies. An encoding turns a tensor into
-named chunks and back (see ``ENCODINGS``), so pruned and quantized storage are
+named chunks and back (see ``encodings.ENCODINGS``), so pruned and quantized storage are
 new entries there, not new file formats. The checksum makes a tampered or
 truncated file fail with one clear line instead of loading garbage.
 """
@@ -24,30 +24,12 @@ import torch
 
 from ..errors import UserError
 from ..io import write_bytes
+from .encodings import ENCODINGS
 
 MAGIC = b"CAPZ"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<4sHQ32s")
 ZSTD_LEVEL = 6
-
-# ---------------------------------------------------------------- encodings
-# encode(tensor) -> (params, {chunk: ndarray});  decode(params, chunks, shape, dtype) -> tensor
-
-
-def _enc_raw(t: torch.Tensor):
-    return {}, {"data": t.contiguous().numpy()}
-
-
-def _dec_raw(params, chunks, shape, dtype):
-    return torch.from_numpy(chunks["data"].reshape(shape).copy())
-
-
-ENCODINGS: dict[str, tuple[Callable, Callable]] = {"raw": (_enc_raw, _dec_raw)}
-
-
-def register_encoding(name: str, encode: Callable, decode: Callable) -> None:
-    ENCODINGS[name] = (encode, decode)
-
 
 # ---------------------------------------------------------------- writing
 
@@ -123,5 +105,3 @@ def read(path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
         groups.setdefault(e["group"], {})[e["name"]] = t
     return header["config"], groups
 
-
-from . import encodings  # noqa: E402,F401  registers the fp16, int8 and sparse encodings

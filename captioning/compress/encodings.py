@@ -12,16 +12,35 @@ eps, so an all-zero row decodes to zeros, never NaN) and ``q = round(x / scale)`
 ``quant_min=-127`` (see ``quantize.apply_runtime``), so re-quantizing a decoded weight for
 int8 compute gives back the same integers and the stored and computed weights agree.
 
-Importing this module registers the encodings in ``artifact.ENCODINGS``.
+``ENCODINGS`` is the registry the artifact reader and writer look encodings up in.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
 
-from . import artifact
-
 EPS = float(torch.finfo(torch.float32).eps)  # smallest scale, as torch's observers use
+
+
+# ---------------------------------------------------------------- the registry, and raw storage
+# encode(tensor) -> (params, {chunk: ndarray});  decode(params, chunks, shape, dtype) -> tensor
+
+
+def _enc_raw(t: torch.Tensor):
+    return {}, {"data": t.contiguous().numpy()}
+
+
+def _dec_raw(params, chunks, shape, dtype):
+    return torch.from_numpy(chunks["data"].reshape(shape).copy())
+
+
+ENCODINGS: dict[str, tuple[Callable, Callable]] = {"raw": (_enc_raw, _dec_raw)}
+
+
+def register_encoding(name: str, encode: Callable, decode: Callable) -> None:
+    ENCODINGS[name] = (encode, decode)
 
 
 # ---------------------------------------------------------------- int8 per row
@@ -113,11 +132,11 @@ def _dec_sparse_int8(params, chunks, shape, dtype):
     return dequantize_rows(torch.from_numpy(q), scales, shape)
 
 
-artifact.register_encoding("fp16", _enc_fp16, _dec_fp16)
-artifact.register_encoding("int8_row", _enc_int8_row, _dec_int8_row)
-artifact.register_encoding("sparse_raw", *_sparse(np.float32))
-artifact.register_encoding("sparse_fp16", *_sparse(np.float16))
-artifact.register_encoding("sparse_int8", _enc_sparse_int8, _dec_sparse_int8)
+register_encoding("fp16", _enc_fp16, _dec_fp16)
+register_encoding("int8_row", _enc_int8_row, _dec_int8_row)
+register_encoding("sparse_raw", *_sparse(np.float32))
+register_encoding("sparse_fp16", *_sparse(np.float16))
+register_encoding("sparse_int8", _enc_sparse_int8, _dec_sparse_int8)
 
 # bits per stored value, and whether the encoding keeps one float32 scale per row
 VALUE_BITS = {"fp16": 16, "int8_row": 8, "sparse_raw": 32, "sparse_fp16": 16, "sparse_int8": 8}

@@ -20,10 +20,12 @@ Exactly ``round(ratio * n)`` weights are pruned: ties at the threshold are broke
 (parameter order, then row-major), so the same weights always give the same masks. Weights
 pruned earlier are pruned first again, so masks only ever lose entries.
 
-A ``Pruner`` drives this during training (see ``captioning.training.xe.train_xe``): masks are
+A ``Pruner`` is a hook of the training loop (``captioning.training.loop.fit``): masks are
 (re)computed at each epoch start, gradients of pruned weights are zeroed before the optimizer
 step and the weights are re-zeroed after it, so Adam's momentum cannot revive them. Its masks
-travel in the training resume file, so a resumed run gives the same weights.
+travel in the training resume file, so a resumed run gives the same weights. ``FixedMask`` is the
+same hook with masks that never change: the zeros a checkpoint already has (SCST of a pruned
+model). This module knows nothing of training; training imports it.
 """
 from __future__ import annotations
 
@@ -153,20 +155,73 @@ def make_masks(decoder: nn.Module, method: str, ratio: float,
 
 # ---- the training hooks -------------------------------------------------------------------------
 
-class Pruner:
-    """Masks a decoder during fine-tuning; ``train_xe`` calls the hooks.
+class FixedMask:
+    """Holds masked-out parameter entries at zero through training; the hooks ``loop.fit`` calls.
+
+    Masks never change here, and any parameter may carry one (biases too). ``Pruner`` adds the
+    schedule that computes them.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor] | None = None):
+        self.masks: dict[str, torch.Tensor] | None = None
+        self._drop: dict[str, torch.Tensor] = {}  # ~masks, cached for the per-step hooks
+        if masks is not None:
+            self._set_masks(masks)
+
+    @classmethod
+    def from_zeros(cls, decoder: nn.Module) -> "FixedMask":
+        """Keep every entry that is exactly zero now at zero (e.g. a pruned checkpoint's pruned weights)."""
+        return cls({n: p.detach() != 0 for n, p in decoder.named_parameters() if bool((p == 0).any())})
+
+    def on_epoch_start(self, decoder: nn.Module, epoch: int, steps: int | None = None) -> None:
+        pass
+
+    def on_step(self, decoder: nn.Module, epoch: int, step: int, steps: int) -> None:
+        pass
+
+    def at_target(self, epoch: int) -> bool:
+        """True once the final sparsity is in force: only such epochs may become the kept checkpoint."""
+        return True
+
+    @torch.no_grad()
+    def before_step(self, decoder: nn.Module) -> None:
+        """Zero the gradients of masked weights (so clipping and Adam's moments ignore them)."""
+        for n, p in decoder.named_parameters():
+            if n in self._drop and p.grad is not None:
+                p.grad.masked_fill_(self._drop[n], 0.0)
+
+    @torch.no_grad()
+    def after_step(self, decoder: nn.Module) -> None:
+        """Re-zero masked weights: Adam's momentum would otherwise move them again."""
+        for n, p in decoder.named_parameters():
+            if n in self._drop:
+                p.masked_fill_(self._drop[n], 0.0)
+
+    def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        self.masks = masks
+        self._drop = {n: ~m for n, m in masks.items()}
+
+    # resume: fixed masks are re-derived from the starting checkpoint, so the resume file holds none
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], decoder: nn.Module) -> None:
+        pass
+
+
+class Pruner(FixedMask):
+    """Magnitude pruning during fine-tuning: masks computed by ``method`` at ``ratio``, on a schedule.
 
     Epochs are 0-based here. ``epochs`` is the schedule length: only ``gradual`` uses it, and
     training longer than it simply stays at the final ratio.
     """
 
     def __init__(self, method: str, ratio: float, epochs: int = 1):
+        super().__init__()
         self.method, self.spec, self.ratio = method, _method(method), _check_ratio(ratio)
         if int(epochs) < 1:
             raise UserError(f"pruning schedule needs at least 1 epoch, got {epochs}")
         self.epochs = int(epochs)
-        self.masks: dict[str, torch.Tensor] | None = None
-        self._drop: dict[str, torch.Tensor] = {}  # ~masks, cached for the per-step hooks
 
     def ratio_at(self, epoch: int, frac: float = 1.0) -> float:
         """The sparsity in force ``frac`` of the way through ``epoch`` (by the end of it, by default)."""
@@ -176,7 +231,6 @@ class Pruner:
         return self.ratio * (1.0 - (1.0 - t) ** 3)
 
     def at_target(self, epoch: int) -> bool:
-        """True once the final sparsity is in force: only such epochs may become the kept checkpoint."""
         return not self.spec.gradual or epoch >= self.epochs - 1
 
     def on_epoch_start(self, decoder: nn.Module, epoch: int, steps: int | None = None) -> None:
@@ -202,20 +256,6 @@ class Pruner:
         self._set_masks(make_masks(decoder, self.method, ratio, previous=self.masks))
         self.after_step(decoder)
 
-    @torch.no_grad()
-    def before_step(self, decoder: nn.Module) -> None:
-        """Zero the gradients of pruned weights (so clipping and Adam's moments ignore them)."""
-        for n, p in prunable(decoder).items():
-            if n in self._drop and p.grad is not None:
-                p.grad.masked_fill_(self._drop[n], 0.0)
-
-    @torch.no_grad()
-    def after_step(self, decoder: nn.Module) -> None:
-        """Re-zero pruned weights: Adam's momentum would otherwise move them again."""
-        for n, p in prunable(decoder).items():
-            if n in self._drop:
-                p.masked_fill_(self._drop[n], 0.0)
-
     def describe(self) -> dict:
         """What makes two pruners equivalent (for settings and resume matching)."""
         d = {"method": self.method, "scope": self.spec.scope, "ratio": self.ratio}
@@ -236,29 +276,5 @@ class Pruner:
             raise UserError("resume file: pruning masks do not match the decoder's weights")
         self._set_masks({n: masks[n].to(device=params[n].device, dtype=torch.bool) for n in params})
 
-    def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        self.masks = masks
-        self._drop = {n: ~m for n, m in masks.items()}
 
-
-# ---- one call: prune a trained decoder and fine-tune it --------------------------------------------
-
-def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: str, ratio: float,
-                    epochs: int = 2, lr: float = 1e-4, **train_kwargs) -> dict:
-    """Prune ``decoder_ckpt`` with ``method`` at ``ratio`` and fine-tune it with XE, masks held.
-
-    The decoder is rebuilt from the checkpoint's own config; ``train_kwargs`` go to ``train_xe``
-    (``stage`` defaults to "prune"). Returns ``train_xe``'s report; the kept checkpoint's metadata
-    holds the measured sparsity.
-    """
-    from ..training.xe import train_xe
-
-    pruner = Pruner(method, ratio, epochs)
-    train_kwargs.setdefault("stage", "prune")
-    return train_xe(features_h5, prepared_dir, out_path, train_kwargs.pop("decoder_name", None),
-                    train_kwargs.pop("decoder_cfg", None), epochs=epochs, lr=lr, init_from=decoder_ckpt,
-                    pruner=pruner, **train_kwargs)
-
-
-__all__ = ["PRUNE_METHODS", "PruneMethod", "Pruner", "prunable", "make_masks", "measured_sparsity",
-           "finetune_pruned"]
+__all__ = ["PRUNE_METHODS", "PruneMethod", "FixedMask", "Pruner", "prunable", "make_masks", "measured_sparsity"]

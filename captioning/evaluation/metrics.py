@@ -28,8 +28,8 @@ import numpy as np
 import pycocoevalcap
 
 from ..errors import UserError
-from ..io import read_json
 from .java import ensure_java, java_version
+from .refs import load_refs, load_results
 
 log = logging.getLogger(__name__)
 
@@ -59,42 +59,6 @@ def bundled_coco_refs(split: str = "val2014") -> dict:
             return json.loads(z.read(name))
         except KeyError:
             raise UserError(f"split {split!r}: no {name} in {SPICE_DIR / 'spice-1.0.jar'}") from None
-
-
-def _load_refs(refs: str | os.PathLike | dict) -> tuple[list, dict[Any, list[str]]]:
-    """-> (image ids in reference order, {image_id: [caption, ...]})."""
-    src = str(refs) if isinstance(refs, (str, os.PathLike)) else "references"
-    data = read_json(refs) if isinstance(refs, (str, os.PathLike)) else refs
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise UserError(f"{src}: not a COCO caption annotation file (needs an 'annotations' list)")
-    captions: dict[Any, list[str]] = {}
-    for k, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise UserError(f"{src}: annotations[{k}] needs an 'image_id' and a string 'caption'")
-        captions.setdefault(ann["image_id"], []).append(ann["caption"])
-    images = data.get("images")
-    if images is None:
-        return list(captions), captions
-    if not isinstance(images, list) or not all(isinstance(im, dict) and "id" in im for im in images):
-        raise UserError(f"{src}: 'images' must be a list of objects with an 'id'")
-    return list(dict.fromkeys(im["id"] for im in images)), captions
-
-
-def _load_results(results: str | os.PathLike | list) -> tuple[str, dict[Any, str]]:
-    """-> (name for messages, {image_id: caption}); one caption per image, as COCO requires."""
-    src = str(results) if isinstance(results, (str, os.PathLike)) else "results"
-    data = read_json(results) if isinstance(results, (str, os.PathLike)) else results
-    if not isinstance(data, list) or not data:
-        raise UserError(f"{src}: expected a non-empty list of {{'image_id', 'caption'}} entries")
-    out: dict[Any, str] = {}
-    for k, r in enumerate(data):
-        if not isinstance(r, dict) or not isinstance(r.get("image_id"), (int, str)) \
-                or not isinstance(r.get("caption"), str):
-            raise UserError(f"{src}: entry {k} needs an integer 'image_id' and a string 'caption'")
-        if r["image_id"] in out:
-            raise UserError(f"{src}: image_id {r['image_id']!r} has more than one caption")
-        out[r["image_id"]] = r["caption"]
-    return src, out
 
 
 # ---------------------------------------------------------------- java scorers
@@ -239,8 +203,8 @@ def score_captions(refs: str | os.PathLike | dict, results: str | os.PathLike | 
     warning), True requires it, False skips it. meteor: a running ``meteor_scorer()``, or None
     to start one here.
     """
-    order, ref_caps = _load_refs(refs)
-    src, res_caps = _load_results(results)
+    order, ref_caps = load_refs(refs)
+    src, res_caps = load_results(results)
     known = set(order)
     unknown = [i for i in res_caps if i not in known]
     if unknown:

@@ -11,8 +11,8 @@ the same at any temperature.
 
 The teacher is a trained decoder over a *different* encoder's features (e.g. ResNet-50 grids,
 2048-d, while the student sees MobileNetV3's 576-d) of the same images in the same order. It is
-frozen: eval mode (no dropout), no gradients; it only supplies targets. ``train_xe(teacher=...,
-teacher_features=...)`` drives this module.
+frozen: eval mode (no dropout), no gradients; it only supplies targets. ``DistillStep`` is the
+training step; ``train_xe(teacher=..., teacher_features=...)`` runs it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..models import load_decoder, read_decoder_meta
-from .loader import CaptionData, _read_h5, to_device
+from .loader import CaptionData, read_h5, to_device
 
 
 def token_mask(seq: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ class Teacher:
                  student_features: str | Path = "the student's features", device: str = "cpu",
                  pin_memory: bool = False):
         checkpoint, features_h5 = Path(checkpoint), Path(features_h5)
-        feats = _read_h5(features_h5, ("ids", "fc", "att"))
+        feats = read_h5(features_h5, ("ids", "fc", "att"))
         ids = feats["ids"].astype(np.int64)
         if not np.array_equal(ids, data.ids):
             raise UserError(f"{features_h5}: image ids differ from {student_features} (the teacher's and the "
@@ -82,7 +82,7 @@ class Teacher:
         if cfg["vocab_size"] != data.vocab_size:
             raise UserError(f"{checkpoint}: teacher has vocab_size {cfg['vocab_size']}, the training data "
                             f"{data.vocab_size}")
-        if "itow" in meta and meta["itow"] != {str(k): w for k, w in sorted(data.itow.items())}:
+        if "itow" in meta and meta["itow"] != data.itow_json():
             raise UserError(f"{checkpoint}: the teacher's vocabulary differs from the prepared dataset's vocab.json")
         if cfg["feat_dim"] != self.fc.shape[1]:
             raise UserError(f"{checkpoint}: teacher expects {cfg['feat_dim']}-d features, "
@@ -100,3 +100,26 @@ class Teacher:
         fc = to_device(self.fc[r].float(), self.device, self.pin_memory)
         att = to_device(self.att[r].float(), self.device, self.pin_memory)
         return self.decoder(fc, att, seq.to(self.device))
+
+
+class DistillStep:
+    """Cross-entropy to the references mixed with the KL to a ``Teacher``: (1 - w) * XE + w * T^2 * KL.
+
+    ``xe_loss(logprobs, seq)`` is the plain cross-entropy (``xe.sequence_loss``); history rows get
+    the mixed "loss" and the KD part alone as "kd_loss".
+    """
+    with_labels = True
+
+    def __init__(self, mp, teacher: Teacher, kd_weight: float, temperature: float, xe_loss):
+        self.mp, self.teacher, self.kd_weight, self.temperature, self.xe_loss = mp, teacher, kd_weight, temperature, xe_loss
+
+    def start_epoch(self, epoch_seed: int) -> None:
+        pass
+
+    def __call__(self, decoder, b):
+        with self.mp.autocast():
+            logprobs = decoder(b.fc, b.att, b.labels).float()
+            teacher_logprobs = self.teacher.logprobs(b.ids, b.labels).float()
+        kd_part = kd_loss(logprobs, teacher_logprobs, b.labels, self.temperature)
+        loss = (1 - self.kd_weight) * self.xe_loss(logprobs, b.labels) + self.kd_weight * kd_part
+        return loss, {"loss": loss.item(), "kd_loss": kd_part.item()}

@@ -5,7 +5,7 @@ Inputs (written by earlier stages):
 - ``features.h5``: "ids" int64 [N], "fc" float16 [N, C], "att" float16 [N, HW, C], in images.json order;
 - the prepared-captions dir: ``images.json`` [{"id", "file_path", "split"}], ``labels.h5``
   ("labels" int32 [n_caps, L] 0-padded; "label_start_ix"/"label_end_ix" int64 [N], 0-based,
-  end-exclusive), ``vocab.json`` {"itow": {"1": word, ...}}, ``refs_{val,test}.json`` (COCO format).
+  end-exclusive), ``vocab.json`` {"itow": {"1": word, ...}, "max_length"}, ``refs_{val,test}.json`` (COCO format).
 
 The datasets this project trains on are small (thousands of images), so everything is read
 once: features stay float16 in memory and become float32 one batch at a time. As in the
@@ -53,7 +53,7 @@ def to_device(x: Batch | torch.Tensor, device: str | torch.device, pin_memory: b
     return x.to(device)
 
 
-def _read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+def read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     import h5py
 
     if not path.is_file():
@@ -85,7 +85,7 @@ class CaptionData:
             raise UserError(f"{prepared_dir}: malformed images.json or vocab.json ({e!r})") from None
         self.vocab_size = max(self.itow, default=0)
 
-        feats = _read_h5(features_h5, ("ids", "fc", "att"))
+        feats = read_h5(features_h5, ("ids", "fc", "att"))
         if not np.array_equal(feats["ids"].astype(np.int64), self.ids):
             raise UserError(f"{features_h5}: image ids differ from {prepared_dir / 'images.json'} "
                             "(features must be extracted from the same prepared dataset, same order)")
@@ -97,7 +97,7 @@ class CaptionData:
         self.feat_dim = int(self.fc.shape[1])
 
         lab_path = prepared_dir / "labels.h5"
-        lab = _read_h5(lab_path, ("labels", "label_start_ix", "label_end_ix"))
+        lab = read_h5(lab_path, ("labels", "label_start_ix", "label_end_ix"))
         self.labels = torch.from_numpy(lab["labels"].astype(np.int64))
         self.start, self.end = lab["label_start_ix"].astype(np.int64), lab["label_end_ix"].astype(np.int64)
         if len(self.start) != len(self.ids) or len(self.end) != len(self.ids):
@@ -106,6 +106,12 @@ class CaptionData:
             raise UserError(f"{lab_path}: label_start_ix/label_end_ix out of range")
         if self.labels.numel() and int(self.labels.max()) > self.vocab_size:
             raise UserError(f"{lab_path}: word index {int(self.labels.max())} not in vocab.json")
+        # captions were truncated to this many words when prepared: decode no longer than that
+        self.max_length = int(vocab.get("max_length") or self.labels.shape[1])
+
+    def itow_json(self) -> dict[str, str]:
+        """The vocabulary as checkpoints record it (JSON keys are strings)."""
+        return {str(k): w for k, w in sorted(self.itow.items())}
 
     def fingerprint(self) -> str:
         """A short hash of ids, fc features and captions: tells a resume file made from other data."""

@@ -1,0 +1,22 @@
+"""Pruned fine-tuning: prune a trained decoder, then train it on with the masks held.
+
+Cross-entropy training (``xe.train_xe``) with a ``compress.prune.Pruner`` as the loop's mask hook.
+"""
+from __future__ import annotations
+
+from ..compress.prune import Pruner
+from .xe import train_xe
+
+
+def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: str, ratio: float,
+                    epochs: int = 2, lr: float = 1e-4, **train_kwargs) -> dict:
+    """Prune ``decoder_ckpt`` with ``method`` at ``ratio`` and fine-tune it with XE, masks held.
+
+    The decoder is rebuilt from the checkpoint's own config; ``train_kwargs`` go to ``train_xe``
+    (``stage`` defaults to "prune"). Returns ``train_xe``'s report; the kept checkpoint's metadata
+    holds the measured sparsity.
+    """
+    train_kwargs.setdefault("stage", "prune")
+    return train_xe(features_h5, prepared_dir, out_path, train_kwargs.pop("decoder_name", None),
+                    train_kwargs.pop("decoder_cfg", None), epochs=epochs, lr=lr, init_from=decoder_ckpt,
+                    pruner=Pruner(method, ratio, epochs), **train_kwargs)

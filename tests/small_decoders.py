@@ -1,6 +1,7 @@
 """Every decoder family at contract size: tiny settings, a tiny model, tiny features.
 
-Shared by the decoder contract (test_decoders.py) and the family tests (test_<family>.py).
+Shared by the decoder contract (test_decoders.py), the family tests (test_<family>.py) and the
+architecture options (test_arch_changes.py).
 """
 from typing import NamedTuple
 
@@ -14,6 +15,15 @@ V, C = 7, 8  # words, feature size
 SEQ = torch.tensor([[1, 2, 0], [4, 5, 6], [7, 0, 0]])  # one caption per image of feats()
 SEQ2 = torch.tensor([[3, 1, 0, 0], [2, 2, 5, 4], [7, 0, 0, 0], [1, 2, 3, 0]])  # two per image of feats(2)
 PLAIN = {nn.Linear, nn.LSTMCell, nn.Embedding, nn.LayerNorm}  # the weight holders pruning and int8 see
+# The architecture options every family takes (captioning/models/embedding.py); the contract runs on each.
+# Rank 4 is below every tiny width; at 3 the tiny transformer's beams never end in the search check.
+VARIANTS = {
+    "plain": {},
+    "rank": dict(embed_rank=4),
+    "rank-plain-logit": dict(embed_rank=4, factorize_logit=False),
+    "tied": dict(tie_embeddings=True),
+    "tied-rank": dict(embed_rank=4, tie_embeddings=True),
+}
 
 
 class Small(NamedTuple):
@@ -65,3 +75,20 @@ def tiny(name: str, **kw):
 def feats(b=3, n=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, C, generator=g), torch.randn(b, n, C, generator=g)
+
+
+def assert_stepping_equals_teacher_forcing(m):
+    """``m`` (in eval mode), stepped a token at a time from ``init_state``, gives its teacher-forced log-probabilities."""
+    fc, att = feats(2)
+    with torch.no_grad():
+        out = m(fc, att, SEQ2)
+        assert out.shape == (4, 5, V + 1)
+        ctx = tuple(t.repeat_interleave(2, 0) for t in m.prepare(fc, att))
+        state = m.init_state(ctx)
+        tokens = torch.zeros(4, dtype=torch.long)
+        for t in range(5):
+            lp, state = m.step(tokens, state, ctx)
+            torch.testing.assert_close(out[:, t], lp, rtol=0, atol=1e-6)
+            if t < 4:
+                tokens = SEQ2[:, t]
+    assert torch.allclose(out.exp().sum(-1), torch.ones(4, 5), atol=1e-5)

@@ -1,9 +1,12 @@
 """The decoder contract: every registered decoder, at a tiny size, passes the same checks.
 
 A new family registers itself and adds one entry to ``SMALL``; the contract then runs on it. A
-registered decoder without an entry fails loudly. Checks of one family alone (reference parameter
-counts at the COCO settings, its own options) stay in ``test_<family>.py``; both take ``tiny``
-and ``feats`` from small_decoders.py.
+registered decoder without an entry fails loudly. The checks a model's shape could break (config,
+stepping, search, save/load, int8, training) run on every architecture option in ``VARIANTS``
+(factorised and/or tied embeddings). Checks of one family alone (reference parameter counts at the
+COCO settings, its own options) stay in ``test_<family>.py``, what is particular to the options
+(parameter savings, tying, bad values, depths) in test_arch_changes.py; all take ``tiny`` and
+``feats`` from small_decoders.py.
 """
 
 import pytest
@@ -11,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioning.compress.quantize import apply_runtime
 from captioning.errors import UserError
-from captioning.io import save_tensors
+from captioning.io import load_tensors, save_tensors
 from captioning.models import create_decoder, list_decoders, load_decoder, read_decoder_meta, save_decoder
+from captioning.models.embedding import embedding_table
 from captioning.models.search import beam_search, greedy
 from captioning.training.xe import sequence_loss
-from small_decoders import C, PLAIN, SEQ, SEQ2, SMALL, V, feats, small, tiny  # noqa: F401
-
-VARIANTS = {"plain": {}, "tied": dict(tie_embeddings=True)}
+from small_decoders import (PLAIN, SEQ, SMALL, VARIANTS, assert_stepping_equals_teacher_forcing, feats, small,
+                            tiny)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -46,9 +50,11 @@ def test_unknown_setting_is_a_user_error(name):
         create_decoder(name, 10, 8, rnn_sise=5)
 
 
-def test_config_rebuilds_the_same_architecture(name):
-    m = tiny(name)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_rebuilds_the_same_architecture(name, variant):
+    m = tiny(name, **VARIANTS[variant])
     assert m.name == m.config["name"] == name
+    assert all(m.config[key] == value for key, value in VARIANTS[variant].items())
     m2 = create_decoder(**m.config)
     assert type(m2) is type(m) and m2.config == m.config
     assert [(n, p.shape) for n, p in m2.named_parameters()] == [(n, p.shape) for n, p in m.named_parameters()]
@@ -64,20 +70,7 @@ def test_only_plain_modules_hold_weights(name):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_teacher_forcing_equals_stepping(name, variant):
-    m = tiny(name, **VARIANTS[variant]).eval()
-    fc, att = feats(2)
-    with torch.no_grad():
-        out = m(fc, att, SEQ2)
-        assert out.shape == (4, 5, V + 1)
-        ctx = tuple(t.repeat_interleave(2, 0) for t in m.prepare(fc, att))
-        state = m.init_state(ctx)
-        tokens = torch.zeros(4, dtype=torch.long)
-        for t in range(5):
-            lp, state = m.step(tokens, state, ctx)
-            torch.testing.assert_close(out[:, t], lp, rtol=0, atol=1e-6)
-            if t < 4:
-                tokens = SEQ2[:, t]
-    assert torch.allclose(out.exp().sum(-1), torch.ones(4, 5), atol=1e-5)
+    assert_stepping_equals_teacher_forcing(tiny(name, **VARIANTS[variant]).eval())
 
 
 def test_dropout_is_active_only_in_training(name):
@@ -90,8 +83,9 @@ def test_dropout_is_active_only_in_training(name):
     assert torch.equal(m(fc, att, seq), m(fc, att, seq))
 
 
-def test_greedy_and_beam_search(name):
-    m = tiny(name).eval()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_and_beam_search(name, variant):
+    m = tiny(name, **VARIANTS[variant]).eval()
     with torch.no_grad():
         getattr(m, small(name).head).bias[0] += 1.0  # make the end token likely: hypotheses of mixed lengths
     fc, att = feats(4, seed=3)
@@ -124,13 +118,33 @@ def test_dynamic_int8_quantization_keeps_outputs_close(name):
     assert 0 < diff < 0.1
 
 
-def test_tiny_model_overfits_tiny_batch(name):
-    m = tiny(name, **small(name).wider)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_runtime_keeps_outputs_close(name, variant):
+    """Our int8 runtime (per channel, in place) on every variant; the torch default above is per tensor."""
+    m = tiny(name, **VARIANTS[variant]).eval()
+    fc, att = feats()
+    with torch.no_grad():
+        want = m(fc, att, SEQ)
+        q = apply_runtime(m, "int8")
+        assert not any(type(mod) in (nn.Linear, nn.LSTMCell) for mod in q.modules())
+        assert isinstance(embedding_table(q.embed), nn.Parameter)  # the table stays a float embedding
+        diff = (want - q(fc, att, SEQ)).abs().max().item()
+        assert 0 < diff < 0.1
+        assert greedy(q, fc, att, max_length=4).shape == (3, 4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tiny_model_overfits_tiny_batch(name, variant):
+    kw = {**VARIANTS[variant], **small(name).wider}
+    factorised = "embed_rank" in kw
+    if factorised:  # rank 4 fits slowly; at 8, 100 steps (AoANet with only its embedding factorised needs them)
+        kw["embed_rank"] = 8
+    m = tiny(name, **kw)
     fc, att = feats(2)
     seq = torch.tensor([[3, 1, 4, 1, 5], [2, 6, 5, 0, 0]])
     opt = torch.optim.Adam(m.parameters(), lr=small(name).lr)
     losses = []
-    for _ in range(60):
+    for _ in range(100 if factorised else 60):
         loss = sequence_loss(m(fc, att, seq), seq)
         opt.zero_grad()
         loss.backward()
@@ -148,6 +162,8 @@ def test_save_load_round_trip(name, variant, tmp_path):
     m = tiny(name, **VARIANTS[variant]).eval()
     path = tmp_path / "m.safetensors"
     save_decoder(m, path, {"epoch": 3, "val_cider": 0.5})
+    # safetensors refuses shared tensors: a tied table is stored once, under the embedding's name
+    assert set(load_tensors(path)[0]) == {n for n, _ in m.named_parameters()}
     m2 = load_decoder(path)
     assert type(m2) is type(m) and m2.config == m.config and not m2.training
     fc, att = feats()

@@ -73,7 +73,10 @@ class Validator:
     def __init__(self, data: CaptionData, prepared_dir, beam_size: int, max_length: int, batch_size: int,
                  device: str, pin_memory: bool, progress: bool):
         self.refs_path = Path(prepared_dir) / "refs_val.json"
-        self.refs = {int(i): caps for i, caps in load_refs(self.refs_path)[1].items()}
+        try:
+            self.refs = {int(i): caps for i, caps in load_refs(self.refs_path)[1].items()}
+        except (TypeError, ValueError):
+            raise UserError(f"{self.refs_path}: image ids must be integers, as the prepared images' are") from None
         self.data, self.beam_size, self.max_length, self.batch_size = data, beam_size, max_length, batch_size
         self.device, self.pin_memory, self.progress = device, pin_memory, progress
 

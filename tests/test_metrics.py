@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from captioning.errors import UserError
@@ -51,12 +52,19 @@ def _fake_meteor():
 
 def test_reproduces_published_karpathy_test_scores_exactly():
     expected = json.loads((DATA / "karpathy_test_captions.scores.json").read_text())
-    scores = score_captions(metrics.bundled_coco_refs("val2014"), DATA / "karpathy_test_captions.json", spice=False)
+    scores = score_captions(metrics.bundled_coco_refs("val2014"), DATA / "karpathy_test_captions.json", spice=False,
+                            per_image=True)
+    per_image = scores.pop("CIDEr_per_image")
     assert scores["SPICE"] is None
     for key, value in expected.items():
         ours = scores[key.upper() if key.startswith("Bleu") else key]
         assert ours == pytest.approx(value, abs=1e-12, rel=0), key
     assert set(scores) == set(metrics.METRICS)
+    # the corpus CIDEr-D is the mean of the per-image scores: intervals resample exactly what is reported
+    results = json.loads((DATA / "karpathy_test_captions.json").read_text())
+    assert sorted(per_image) == sorted(r["image_id"] for r in results) and len(per_image) == 5000
+    assert np.mean(list(per_image.values())) == pytest.approx(scores["CIDEr"], abs=1e-12, rel=0)
+    assert len(set(per_image.values())) > 1000  # real per-image scores, not one value repeated
 
 
 # ---------------------------------------------------------------- small hand-made cases

@@ -48,7 +48,7 @@ def evaluate(model, prepared, out_dir, split="test", beam_size=3, batch_size=16,
             results += [{"image_id": im["id"], "caption": c}
                         for im, c in zip(images[i:i + batch_size], caps)]
         write_json(out_dir / "captions.json", results)
-        scores = score_captions(prepared / f"refs_{split}.json", results, spice=spice, meteor=meteor)
+        scores = score_captions(prepared / f"refs_{split}.json", results, spice=spice, meteor=meteor, per_image=True)
     params, nonzero = count_params(cap)
     latency = None
     if latency_images > 0:
@@ -59,11 +59,14 @@ def evaluate(model, prepared, out_dir, split="test", beam_size=3, batch_size=16,
         latency = measure_latency(cap, paths[:latency_images], beam_size, threads)
     storage = cap.config.get("storage", {})
     floor = storage.get("floor_bytes")
+    per_image = scores.pop("CIDEr_per_image")
     metrics = {**(meta or {}), **scores, "params": params, "nonzero_params": nonzero,
                "sparsity": storage.get("sparsity"), "sparsity_all": storage.get("sparsity_all"),
                "size_bytes": os.path.getsize(model), "size_mb": os.path.getsize(model) / 1e6,
                "floor_mb": floor / 1e6 if floor is not None else None,
                "latency_ms": latency, "beam_size": beam_size, "threads": threads,
-               "n_images": len(results)}
+               "n_images": len(results),
+               # for intervals: the table resamples images, pairing each row with its reference
+               "cider_per_image": {str(i): c for i, c in per_image.items()}}
     write_json(out_dir / "metrics.json", metrics)
     return metrics

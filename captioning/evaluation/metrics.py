@@ -194,14 +194,16 @@ def _use_spice(spice: bool | str, java: str) -> str | None:
 
 
 def score_captions(refs: str | os.PathLike | dict, results: str | os.PathLike | list,
-                   spice: bool | str = "auto", meteor=None) -> dict[str, float | None]:
+                   spice: bool | str = "auto", meteor=None, per_image: bool = False) -> dict:
     """BLEU_1-4, METEOR, ROUGE_L, CIDEr (CIDEr-D) and SPICE of ``results`` against ``refs``.
 
     refs: COCO caption annotations (path or dict); results: COCO results (path or list of
     {"image_id", "caption"}), one per image, every image_id present in refs. Only the images
     in results are scored. spice: "auto" runs it when its jars are installed (else None and a
     warning), True requires it, False skips it. meteor: a running ``meteor_scorer()``, or None
-    to start one here.
+    to start one here. per_image: also return "CIDEr_per_image" {image_id: CIDEr-D}, whose mean
+    is "CIDEr" (pycocoevalcap's corpus CIDEr-D is the mean of its per-image scores), for
+    confidence intervals by resampling images.
     """
     order, ref_caps = load_refs(refs)
     src, res_caps = load_results(results)
@@ -236,6 +238,9 @@ def score_captions(refs: str | os.PathLike | dict, results: str | os.PathLike | 
         log.info("METEOR")
         scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    scores["CIDEr"] = float(cider)
     scores["SPICE"] = _spice(gts, res, spice_java) if spice_java else None
+    if per_image:
+        scores["CIDEr_per_image"] = {i: float(c) for i, c in zip(gts, cider_per_image)}
     return scores

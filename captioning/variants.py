@@ -3,7 +3,8 @@
 A variant is one row of the results table and one artifact, named ``{enc}-{dec}-{dstage}-{quant}``
 (e.g. ``lite0-updown-xe_global0.9-int8``) so that a file list reads as the experiment. ``dstage``
 says how the decoder was trained and pruned: ``xe``, ``scst``, ``kd``, or ``xe_global0.9`` (pruned
-to 90% by global magnitude, then fine-tuned).
+to 90% by global magnitude, then fine-tuned). ``xe_global0`` is the sweep's dense control: the same
+fine-tuning at ratio 0, so a pruned row can be read against a dense model trained exactly as long.
 
 Imported by the Snakefile, so it must stay light (no torch).
 """
@@ -80,14 +81,21 @@ class Variant:
     def prune_ratio(self) -> float:
         return parse_dstage(self.dstage)[2]
 
+    @property
+    def control(self) -> bool:
+        """The pruning sweep's ratio-0 point: fine-tuned exactly as the pruned rows are, nothing pruned."""
+        return self.prune_method is not None and self.prune_ratio == 0
+
     def stage(self, config: dict) -> str:
         """The one change this row measures against its baseline, checked from the most specific:
-        a pruned decoder, then quantization, then SCST or distillation, then an architecture
-        variant, then a replaced encoder."""
-        if self.prune_method:
+        a pruned decoder, then quantization, then the dense control, then SCST or distillation,
+        then an architecture variant, then a replaced encoder."""
+        if self.prune_method and not self.control:
             return "prune"
         if self.quant != "fp32":
             return "quantize"
+        if self.control:
+            return "control"
         if self.training != "xe":
             return {"kd": "distill"}.get(self.training, self.training)
         if "variant_of" in config["decoders"][self.dec]:
@@ -113,7 +121,7 @@ class Variant:
 def grid(config: dict) -> list[Variant]:
     """Every table row, once, in table order: baseline and encoder replacement for every encoder and
     its decoders; then for the compress encoders and decoders every quantization of the dense and
-    pruned decoders; then the distilled and the SCST rows."""
+    pruned decoders, and the dense control (fp32); then the distilled and the SCST rows."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.
@@ -125,6 +133,9 @@ def grid(config: dict) -> list[Variant]:
     for e in c["encoders"]:
         out += [Variant(e, d, s, q) for d in stage_decoders(config, "compress")
                 for s in stages for q in c["quantization"]]
+        if p.get("control", True) and (p["ratios"] or p["compare_methods"]):
+            # the dense control of the sweep: what every pruned row's extra fine-tuning alone gives
+            out += [Variant(e, d, dstage_name("xe", p["method"], 0)) for d in stage_decoders(config, "compress")]
     for e in config["distill"]["encoders"]:
         # each student beside the same decoder trained without a teacher
         out += [Variant(e, d, t) for d in stage_decoders(config, "distill") for t in ("xe", "kd")]

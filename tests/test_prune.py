@@ -215,6 +215,7 @@ def test_ratio_zero_changes_nothing_structurally(base, tmp_path):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert read_decoder_meta(out)["config"] == read_decoder_meta(ckpt)["config"]
     assert read_decoder_meta(out)["sparsity"] == measured_sparsity(a)["sparsity"] == 0.0
+    assert read_decoder_meta(out)["stage"] == "control"  # ratio 0: the sweep's dense control
 
 
 def test_resumed_finetune_equals_uninterrupted(base, tmp_path):

@@ -24,7 +24,7 @@ PARTITION = "test"
 
 # TINY_DAG without the slow parts (resnet50 pretraining, SCST, distillation, the quantization
 # sweep), keeping one rule of each kind: a pretrained encoder and a packaged one, XE training,
-# pruning with fine-tuning, packing, evaluation and the table. 16 jobs.
+# pruning with fine-tuning (and its dense control), packing, evaluation and the table. 19 jobs.
 SMALL = copy.deepcopy(TINY_DAG)
 SMALL["encoders"] = {k: TINY_DAG["encoders"][k] for k in ("mnv3s", "lite0")}
 SMALL["baseline_encoder"] = "mnv3s"
@@ -152,8 +152,8 @@ def test_profile_plans_the_dag(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "Using profile" in r.stderr and "profiles/default" not in r.stderr
     assert job_counts_in(r.stdout) == {"synthetic_dataset": 1, "prepare_captions": 1, "encoder_weights": 2,
-                                       "features": 2, "train_xe": 2, "prune_finetune": 1, "pack": 3,
-                                       "evaluate": 3, "latency": 1, "table": 1}
+                                       "features": 2, "train_xe": 2, "prune_finetune": 2, "pack": 4,
+                                       "evaluate": 4, "latency": 1, "table": 1}
 
 
 @pytest.mark.integration
@@ -186,7 +186,7 @@ def test_slurm_table_matches_local_run(runs):
     a = pd.read_csv(on_slurm / "results/table.csv").drop(columns="latency_ms")
     b = pd.read_csv(local / "results/table.csv").drop(columns="latency_ms")
     assert sorted(a["variant"]) == sorted(
-        ["mnv3s-updown-xe-fp32", "lite0-updown-xe-fp32", "lite0-updown-xe_global0.5-fp32"])
+        ["mnv3s-updown-xe-fp32", "lite0-updown-xe-fp32", "lite0-updown-xe_global0.5-fp32", "lite0-updown-xe_global0-fp32"])
     a = a.sort_values("variant").reset_index(drop=True)
     b = b.sort_values("variant").reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_exact=True)

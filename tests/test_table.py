@@ -1,36 +1,84 @@
-"""The results table: reductions against each decoder's baseline, the Pareto front, the files."""
+"""The results table and summary: size against the baseline, CIDEr against the quality reference,
+intervals from per-image scores, and which rows may fill a budget."""
+import numpy as np
 import pandas as pd
 import pytest
 
 from captioning.errors import UserError
 from captioning.io import write_json
-from captioning.results.table import COLUMNS, build_table, pareto_front, write_results
+from captioning.results.summary import best_within, compression_rows, summary_markdown
+from captioning.results.table import COLUMNS, build_table, quality_references, write_results
+
+N_IMAGES = 40
 
 
-def _metrics(tmp_path, rows):
+def _metrics(tmp_path, rows, per_image=False):
+    """One metrics file per row; with ``per_image``, per-image CIDEr-D scores whose mean is the row's CIDEr."""
     files = []
-    for r in rows:
+    base = np.random.default_rng(0).uniform(0.5, 1.5, N_IMAGES)  # shared image difficulty
+    for k, r in enumerate(rows):
+        r = {"dataset": "d", "BLEU_1": 0.5, "training": "xe", "quantization": "fp32", **r}
+        if per_image:
+            noise = np.random.default_rng(k + 1).normal(1.0, 0.01, N_IMAGES)
+            s = base * noise
+            s *= r["CIDEr"] / s.mean()
+            r["cider_per_image"] = {str(i): float(v) for i, v in enumerate(s)}
         f = tmp_path / f"{r['variant']}.json"
-        write_json(f, {"dataset": "d", "stage": "x", "BLEU_1": 0.5, **r})
+        write_json(f, r)
         files.append(f)
     return files
 
 
+def row(variant, encoder, stage, size, cider, **kw):
+    decoder = kw.pop("decoder", "ud")
+    return {"variant": variant, "encoder": encoder, "decoder": decoder, "stage": stage, "size_mb": size,
+            "CIDEr": cider, "latency_ms": 1.0, **kw}
+
+
+# The big baseline is weaker than the small encoder's dense model, and the control beats both.
 ROWS = [
-    {"variant": "big-ud-xe", "encoder": "big", "decoder": "ud", "size_mb": 100.0, "CIDEr": 1.0, "latency_ms": 9.0},
-    {"variant": "small-ud-xe", "encoder": "small", "decoder": "ud", "size_mb": 10.0, "CIDEr": 0.9, "latency_ms": 2.0},
-    {"variant": "tiny-ud-xe", "encoder": "tiny", "decoder": "ud", "size_mb": 20.0, "CIDEr": 0.8, "latency_ms": 1.0},
-    {"variant": "big-tf-xe", "encoder": "big", "decoder": "tf", "size_mb": 50.0, "CIDEr": 2.0, "latency_ms": 9.0},
+    row("big-ud-xe", "big", "baseline", 100.0, 0.8),
+    row("small-ud-xe", "small", "encoder", 10.0, 0.9),
+    row("small-ud-ctl", "small", "control", 10.0, 1.0, prune_method="global", prune_ratio=0.0),
+    row("small-ud-p5", "small", "prune", 6.0, 0.99, prune_method="global", prune_ratio=0.5),
+    row("small-ud-p9", "small", "prune", 2.0, 0.985, prune_method="global", prune_ratio=0.9),
+    row("small-ud-p95", "small", "prune", 1.0, 0.95, prune_method="global", prune_ratio=0.95),
+    row("small-ud-int8", "small", "quantize", 3.0, 0.995, quantization="int8"),
+    row("small-ud-scst", "small", "scst", 10.0, 1.2, training="scst"),
+    row("small-ud-scst8", "small", "quantize", 3.0, 1.19, training="scst", quantization="int8"),
+    row("big-tf-xe", "big", "baseline", 50.0, 2.0, decoder="tf"),
 ]
+BASELINES = ["big-ud-xe", "big-tf-xe"]
 
 
-def test_reductions_are_against_the_rows_decoder_baseline(tmp_path):
-    df = build_table(_metrics(tmp_path, ROWS), ["big-ud-xe", "big-tf-xe"]).set_index("variant")
+def test_size_against_the_baseline_cider_against_the_quality_reference(tmp_path):
+    df = build_table(_metrics(tmp_path, ROWS), BASELINES).set_index("variant")
     assert list(df.reset_index().columns) == COLUMNS
-    assert df.loc["big-ud-xe", "size_reduction_pct"] == 0
-    assert df.loc["small-ud-xe", "size_reduction_pct"] == pytest.approx(90.0)
-    assert df.loc["small-ud-xe", "cider_change_pct"] == pytest.approx(-10.0)
-    assert df.loc["big-tf-xe", "cider_change_pct"] == 0
+    assert df.loc["small-ud-p9", "size_reduction_pct"] == pytest.approx(98.0)
+    # the control is the best uncompressed model; SCST (1.2) is not uncompressed-by-cross-entropy
+    assert set(df.loc[df["family"] == "ud", "quality_reference"]) == {"small-ud-ctl"}
+    assert df.loc["small-ud-p9", "reference_cider"] == 1.0
+    assert df.loc["small-ud-p9", "cider_change_pct"] == pytest.approx(-1.5)
+    assert df.loc["big-ud-xe", "cider_change_pct"] == pytest.approx(-20.0)   # not 0: the baseline is weak
+    assert df.loc["big-tf-xe", "cider_change_pct"] == 0 and df.loc["big-tf-xe", "quality_reference"] == "big-tf-xe"
+    assert df[["cider_change_lo", "cider_change_hi"]].isna().all().all()  # no per-image scores, no interval
+
+
+def test_quality_reference_only_from_uncompressed_rows(tmp_path):
+    rows = [r for r in ROWS if r["variant"] != "small-ud-ctl"]
+    df = build_table(_metrics(tmp_path, rows), BASELINES)
+    refs = quality_references(df)
+    assert refs["ud"]["variant"] == "small-ud-xe"   # not the int8 row (0.995), nor SCST (1.2), nor pruned (0.99)
+
+
+def test_a_reference_with_cider_zero_or_none_stops_the_table(tmp_path):
+    rows = [dict(r, CIDEr=0.0) if r["stage"] in ("baseline", "encoder", "control") and r["decoder"] == "ud" else r
+            for r in ROWS]
+    with pytest.raises(UserError, match=r"^decoder family 'ud': its quality reference '.*' has CIDEr 0\.0"):
+        build_table(_metrics(tmp_path, rows), BASELINES)
+    rows = [r for r in ROWS if r["decoder"] == "tf"] + [row("big-ud-xe", "big", "prune", 1.0, 0.5)]
+    with pytest.raises(UserError, match="decoder family 'ud': no uncompressed model"):
+        build_table(_metrics(tmp_path, rows), BASELINES)
 
 
 def test_missing_baseline_is_a_user_error(tmp_path):
@@ -40,69 +88,81 @@ def test_missing_baseline_is_a_user_error(tmp_path):
         build_table(_metrics(tmp_path, ROWS), ["big-ud-xe"])
 
 
-def test_pareto_front():
-    df = pd.DataFrame({"size_mb": [100, 10, 20, 5], "CIDEr": [1.0, 0.9, 0.8, 0.1]})
-    assert pareto_front(df).tolist() == [True, True, False, True]
+def test_intervals_from_per_image_scores(tmp_path):
+    df = build_table(_metrics(tmp_path, ROWS, per_image=True), BASELINES).set_index("variant")
+    ref = df.loc["small-ud-ctl"]
+    assert ref["cider_change_lo"] == ref["cider_change_hi"] == 0.0        # the reference against itself
+    p9 = df.loc["small-ud-p9"]
+    assert p9["cider_change_lo"] < p9["cider_change_pct"] < p9["cider_change_hi"]
+    assert p9["cider_change_hi"] - p9["cider_change_lo"] < 2.0              # paired: ~1% noise per image
+    assert df.loc["small-ud-p95", "cider_change_hi"] < 0                   # -5%: a significant loss
 
 
-def test_write_results_files(tmp_path):
-    df = write_results(_metrics(tmp_path, ROWS), ["big-ud-xe", "big-tf-xe"], tmp_path / "out")
-    assert len(df) == 4
-    csv = pd.read_csv(tmp_path / "out" / "table.csv")
-    assert list(csv.columns) == COLUMNS and len(csv) == 4
-    md = (tmp_path / "out" / "table.md").read_text()
-    assert md.count("\n") == 6 and "small-ud-xe" in md
-    assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "## ud" in (tmp_path / "out" / "summary.md").read_text()
-
-
-def test_summary_picks_largest_reduction_within_budget(tmp_path):
-    from captioning.results.summary import best_within, summary_markdown
-
-    rows = ROWS + [{"variant": "small-ud-p9", "encoder": "small", "decoder": "ud", "size_mb": 2.0,
-                    "CIDEr": 0.985, "latency_ms": 1.0},
-                   {"variant": "small-ud-p95", "encoder": "small", "decoder": "ud", "size_mb": 1.0,
-                    "CIDEr": 0.95, "latency_ms": 1.0}]
-    df = build_table(_metrics(tmp_path, rows), ["big-ud-xe", "big-tf-xe"])
-    ud = df[df["decoder"] == "ud"]
-    assert best_within(ud, 2.0)["variant"] == "small-ud-p9"     # -1.5%: within 2%, not within 1%
-    assert best_within(ud, 1.0)["variant"] == "big-ud-xe"
+def test_summary_budgets_take_compression_rows_only(tmp_path):
+    df = build_table(_metrics(tmp_path, ROWS), BASELINES)
+    ud = compression_rows(df[df["family"] == "ud"])
+    assert set(ud["variant"]) == {"small-ud-xe", "small-ud-p5", "small-ud-p9", "small-ud-p95", "small-ud-int8"}
+    assert best_within(ud, 2.0)["variant"] == "small-ud-p9"    # -1.5%: within 2%
+    assert best_within(ud, 1.0)["variant"] == "small-ud-int8"  # -0.5%; p9 is not within 1%
     text = summary_markdown(df)
-    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% |" in text
+    assert "- Quality reference: `small-ud-ctl`, 10.00 MB, CIDEr 1.0000." in text
+    assert "- Size reference (baseline): `big-ud-xe`, 100.00 MB, CIDEr 0.8000." in text
+    assert "The baseline scores -20.0% CIDEr against the quality reference" in text
+    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% | 0.9850 | -1.50% |" in text
+    assert "| 1% | `small-ud-int8` | 3.00 | 97.0% | 0.9950 | -0.50% |" in text
 
 
-def test_summary_also_judges_against_the_same_encoders_dense_model(tmp_path):
-    from captioning.results.summary import summary_markdown
+def test_summary_shows_intervals_and_marks_significant_losses(tmp_path):
+    rows = ROWS + [row("small-ud-p8", "small", "prune", 1.5, 0.982, prune_method="global", prune_ratio=0.8)]
+    text = summary_markdown(build_table(_metrics(tmp_path, rows, per_image=True), BASELINES))
+    ud = text[text.index("## ud"):]
+    line = next(x for x in ud.splitlines() if x.startswith("| 2% |"))
+    assert "`small-ud-p8`" in line and "-1.80% [" in line and line.endswith("significant loss |")
+    # the pruning sweep against its control: same fine-tuning, nothing pruned
+    assert "Pruning against the dense control `small-ud-ctl` (CIDEr 1.0000)" in text
+    p5 = next(x for x in text.splitlines() if x.startswith("| `small-ud-p5` |"))
+    assert "| global | 0.5 | fp32 | 6.00 | 0.9900 | -1.00% [" in p5
 
-    rows = [dict(r, stage="baseline" if r["encoder"] == "big" else "encoder", quantization="fp32") for r in ROWS]
-    rows.append({"variant": "small-ud-int8", "encoder": "small", "decoder": "ud", "stage": "quantize",
-                 "quantization": "int8", "size_mb": 3.0, "CIDEr": 0.89, "latency_ms": 1.0})
-    text = summary_markdown(build_table(_metrics(tmp_path, rows), ["big-ud-xe", "big-tf-xe"]))
-    assert "Against the dense fp32 model with the same encoder, `small-ud-xe`" in text
-    assert "| 2% | `small-ud-int8` | 3.00 | 97.0% | 0.8900 | -1.11% |" in text
+
+def test_summary_sets_scst_and_distilled_rows_beside_cross_entropy(tmp_path):
+    rows = ROWS + [row("small-ud-kd", "small", "distill", 10.0, 0.81, training="kd")]
+    text = summary_markdown(build_table(_metrics(tmp_path, rows), BASELINES))
+    training = text[text.index("## Training"):]
+    assert "| `small-ud-scst` | scst | 0.9000 | 1.2000 | +33.33% |" in training
+    assert "| `small-ud-kd` | kd | 0.9000 | 0.8100 | -10.00% |" in training
+    assert "small-ud-scst8" not in training          # only fp32 rows compare training alone
+    assert "small-ud-scst" not in text[:text.index("## Training")]  # never in a budget
 
 
 def test_latency_file_replaces_the_metrics_latency_and_must_cover_every_variant(tmp_path):
     files = _metrics(tmp_path, ROWS)
     write_json(tmp_path / "lat.json", {r["variant"]: 100.0 + k for k, r in enumerate(ROWS)})
-    df = build_table(files, ["big-ud-xe", "big-tf-xe"], tmp_path / "lat.json").set_index("variant")
-    assert df.loc["small-ud-xe", "latency_ms"] == 101.0 and df.loc["big-tf-xe", "latency_ms"] == 103.0
+    df = build_table(files, BASELINES, tmp_path / "lat.json").set_index("variant")
+    assert df.loc["small-ud-xe", "latency_ms"] == 101.0 and df.loc["big-tf-xe", "latency_ms"] == 109.0
     write_json(tmp_path / "lat.json", {"big-ud-xe": 1.0})
     with pytest.raises(UserError, match="no latency for variant 'small-ud-xe'"):
-        build_table(files, ["big-ud-xe", "big-tf-xe"], tmp_path / "lat.json")
+        build_table(files, BASELINES, tmp_path / "lat.json")
 
 
-def test_summary_sets_scst_and_distilled_rows_beside_cross_entropy(tmp_path):
-    from captioning.results.summary import summary_markdown
+def test_write_results_files(tmp_path):
+    df = write_results(_metrics(tmp_path, ROWS, per_image=True), BASELINES, tmp_path / "out")
+    assert len(df) == len(ROWS)
+    csv = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert list(csv.columns) == COLUMNS and len(csv) == len(ROWS)
+    assert csv["cider_change_lo"].notna().all()
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert md.count("\n") == len(ROWS) + 2 and "small-ud-xe" in md
+    assert (tmp_path / "out" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## ud" in (tmp_path / "out" / "summary.md").read_text()
 
-    rows = [dict(r, training="xe", quantization="fp32") for r in ROWS]
-    rows += [{"variant": "small-ud-scst", "encoder": "small", "decoder": "ud", "training": "scst", "quantization": "fp32",
-              "size_mb": 10.0, "CIDEr": 0.99, "latency_ms": 1.0},
-             {"variant": "small-ud-kd", "encoder": "small", "decoder": "ud", "training": "kd", "quantization": "fp32",
-              "size_mb": 10.0, "CIDEr": 0.81, "latency_ms": 1.0},
-             {"variant": "small-ud-scst-int8", "encoder": "small", "decoder": "ud", "training": "scst",
-              "quantization": "int8", "size_mb": 3.0, "CIDEr": 0.5, "latency_ms": 1.0}]
-    text = summary_markdown(build_table(_metrics(tmp_path, rows), ["big-ud-xe", "big-tf-xe"]))
-    assert "| `small-ud-scst` | scst | 0.9000 | 0.9900 | +10.00% |" in text
-    assert "| `small-ud-kd` | kd | 0.9000 | 0.8100 | -10.00% |" in text
-    assert "small-ud-scst-int8` | scst" not in text  # only fp32 rows compare training alone
+
+def test_a_change_against_a_zero_control_is_undefined_not_nan(tmp_path):
+    from captioning.results.summary import fmt_change
+
+    assert fmt_change(float("nan"), float("nan"), float("nan")) == "undefined (the reference scored 0)"
+    assert fmt_change(-1.5, -2.0, -1.0) == "-1.50% [-2.00, -1.00] significant loss"
+    assert fmt_change(-1.5, -3.0, 0.5) == "-1.50% [-3.00, +0.50]"
+    rows = [dict(r, CIDEr=0.0) if r["variant"] == "small-ud-ctl" else r for r in ROWS]
+    text = summary_markdown(build_table(_metrics(tmp_path, rows), BASELINES))
+    assert "| `small-ud-p5` | global | 0.5 | fp32 | 6.00 | 0.9900 | undefined (the reference scored 0) |" in text
+    assert "nan" not in text

@@ -38,6 +38,7 @@ def _small():
     ("xe", "global", 0.9, "xe_global0.9"),
     ("xe", "layerwise", 0.95, "xe_layerwise0.95"),
     ("xe", "gradual", 0.5, "xe_gradual0.5"),
+    ("xe", "global", 0.0, "xe_global0"),  # the sweep's dense control
 ])
 def test_dstage_name_and_parse_are_inverses(train, method, ratio, dstage):
     assert dstage_name(train, method, ratio if method else None) == dstage
@@ -71,6 +72,8 @@ def test_parse_refuses_what_is_not_a_variant_name(name):
     ("lite0-updown-scst-fp32", "scst"),
     ("lite0-updown-scst-int8", "quantize"),
     ("lite0-updown_slim-kd-fp32", "distill"),
+    ("lite0-updown-xe_global0-fp32", "control"),   # the sweep's ratio-0 point: fine-tuned, nothing pruned
+    ("lite0-updown-xe_global0-int8", "quantize"),
 ])
 def test_stage_is_the_one_change_a_row_measures(name, stage):
     assert Variant.parse(name).stage(_config()) == stage
@@ -105,9 +108,9 @@ def test_default_grid():
     variants = grid(c)
     names = [v.name for v in variants]
     # xe rows: r50 x 3 families + mnv3s x updown + lite0 x 6 decoders = 10; compress: lite0 x 3 decoders x
-    # (xe + 5 global ratios + gradual0.9) x 3 quantizations = 63, less the 3 dense fp32 rows already there;
-    # distill: updown_slim kd (its xe row is there); scst: 3 decoders.
-    assert len(variants) == 10 + 60 + 1 + 3 == 74
+    # (xe + 5 global ratios + gradual0.9) x 3 quantizations = 63, less the 3 dense fp32 rows already there,
+    # plus 3 dense controls (fp32); distill: updown_slim kd (its xe row is there); scst: 3 decoders.
+    assert len(variants) == 10 + 60 + 3 + 1 + 3 == 77
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))
@@ -116,6 +119,8 @@ def test_default_grid():
     assert not any(n.startswith("r50-") and "_slim" in n for n in names)  # compared with the family baseline
     stages = [v.stage(c) for v in variants]
     assert stages.count("baseline") == 3 and stages.count("distill") == 1 and stages.count("scst") == 3
+    assert [n for n, s in zip(names, stages) if s == "control"] == [
+        f"lite0-{d}-xe_global0-fp32" for d in ("updown", "aoanet", "transformer")]
 
 
 def test_small_grid_equals_the_hand_written_rows_in_order():
@@ -123,6 +128,7 @@ def test_small_grid_equals_the_hand_written_rows_in_order():
         "big-u-xe-fp32", "small-u-xe-fp32", "small-u_slim-xe-fp32",
         "small-u-xe-int8", "small-u-xe_global0.5-fp32", "small-u-xe_global0.5-int8",
         "small-u-xe_gradual0.5-fp32", "small-u-xe_gradual0.5-int8",
+        "small-u-xe_global0-fp32",
         "small-u_slim-kd-fp32",
         "small-u-scst-fp32", "small-u-scst-int8",
     ]
@@ -147,3 +153,11 @@ def test_importing_the_grid_does_not_import_torch():
     """The Snakefile imports it: planning the DAG must not wait for torch."""
     code = "import sys, captioning.variants, captioning.config; sys.exit('torch' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_the_dense_control_can_be_turned_off():
+    c = _small()
+    c["compress"]["prune"]["control"] = False
+    assert "small-u-xe_global0-fp32" not in [v.name for v in grid(c)]
+    c["compress"]["prune"].update(control=True, ratios=[], compare_methods=[])  # no sweep, no control
+    assert not any(v.control for v in grid(c))

@@ -30,7 +30,8 @@ def test_table_has_every_variant_and_column(tiny_run):
          "r50-aoanet-xe-fp32", "lite0-aoanet-xe-fp32", "lite0-aoanet-scst-fp32",
          "r50-transformer-xe-fp32", "lite0-updown_slim-xe-fp32"]
         + [f"lite0-{d}-{s}-{q}" for d in ("updown", "transformer")
-           for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")])
+           for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")]
+        + ["lite0-updown-xe_global0-fp32", "lite0-transformer-xe_global0-fp32"])  # the dense controls
     # Every decoder is compared with its family's baseline; the variant inherited its parent's arch.
     by = df.set_index("variant")
     assert by.loc["lite0-updown_slim-xe-fp32", "family"] == "updown"
@@ -64,9 +65,19 @@ def test_table_has_every_variant_and_column(tiny_run):
     assert rows["params"].is_unique
     for col in ["BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "latency_ms", "size_mb"]:
         assert df[col].notna().all(), col
-    # (a tiny baseline may score CIDEr 0, which leaves its family's relative change undefined)
-    base_cider = df[df["stage"] == "baseline"].set_index("family")["CIDEr"]
-    assert base_cider["updown"] > 0 and df.loc[df["family"].map(base_cider) > 0, "cider_change_pct"].notna().all()
+    # The dense controls: fine-tuned like the pruned rows, nothing pruned.
+    controls = by[by["stage"] == "control"]
+    assert sorted(controls.index) == ["lite0-transformer-xe_global0-fp32", "lite0-updown-xe_global0-fp32"]
+    assert (controls["sparsity"] == 0).all() and (controls["prune_ratio"] == 0).all()
+    # Every change is against the family's best uncompressed model, with a bootstrap interval.
+    uncompressed = df[df["stage"].isin(["baseline", "encoder", "control"])]
+    best = uncompressed.loc[uncompressed.groupby("family")["CIDEr"].idxmax()].set_index("family")["variant"]
+    assert (df["quality_reference"] == df["family"].map(best)).all()
+    assert (df["reference_cider"] > 0).all()
+    assert df[["cider_change_pct", "cider_change_lo", "cider_change_hi"]].notna().all().all()
+    assert (df["cider_change_lo"] <= df["cider_change_pct"] + 1e-9).all()
+    assert (df["cider_change_pct"] <= df["cider_change_hi"] + 1e-9).all()
+    assert "Quality reference: `" in summary and "Pruning against the dense control `lite0-updown-xe_global0-fp32`" in summary
     assert (tiny_run / "results/table.md").is_file()
     assert (tiny_run / "results/pareto.png").stat().st_size > 1000
 

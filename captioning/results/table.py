@@ -1,26 +1,63 @@
-"""Collect every variant's metrics into the results table, its Markdown twin and the Pareto plot."""
+"""Collect every variant's metrics into the results table, its Markdown twin and the Pareto plot.
+
+Two references per decoder family, because one model cannot serve both honestly:
+
+- size: the family's **baseline**, the big encoder with the dense fp32 decoder (as in the paper);
+- quality: the family's **quality reference**, the highest CIDEr of any uncompressed model of the
+  family (dense, fp32, cross-entropy, any encoder, the sweep's dense control included). A weak big
+  encoder or extra fine-tuning cannot flatter a compressed row against it.
+
+Every CIDEr change comes with a 95% interval: a paired bootstrap over the test images
+(``bootstrap``), from the per-image CIDEr-D scores each evaluation keeps.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_text
+from .bootstrap import change_with_interval
 
 ID_COLS = ["variant", "dataset", "encoder", "decoder", "family", "stage", "training", "prune_method", "prune_ratio",
            "sparsity", "quantization"]
 SIZE_COLS = ["params", "nonzero_params", "size_mb", "floor_mb", "size_reduction_pct"]
 QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
-                "cider_change_pct"]
+                "quality_reference", "reference_cider", "cider_change_pct", "cider_change_lo", "cider_change_hi"]
 COLUMNS = ID_COLS + SIZE_COLS + QUALITY_COLS + ["latency_ms"]
+# Stages whose models are uncompressed (dense, fp32, cross-entropy): candidates for the quality reference.
+UNCOMPRESSED_STAGES = ("baseline", "encoder", "control")
+
+
+def quality_references(df: pd.DataFrame) -> dict[str, pd.Series]:
+    """{family: its highest-CIDEr uncompressed row}; a family without one, or whose best has CIDEr 0, is a UserError."""
+    refs = {}
+    for family, g in df.groupby("family", sort=True):
+        cand = g[g["stage"].isin(UNCOMPRESSED_STAGES) & (g["quantization"] == "fp32")
+                 & (g["training"].fillna("xe") == "xe")].dropna(subset=["CIDEr"])
+        if cand.empty:
+            raise UserError(f"decoder family '{family}': no uncompressed model (stage {', '.join(UNCOMPRESSED_STAGES)}) "
+                            "to measure CIDEr changes against")
+        best = cand.sort_values(["CIDEr", "variant"], ascending=[False, True], kind="stable").iloc[0]
+        if not best["CIDEr"] > 0:
+            raise UserError(f"decoder family '{family}': its quality reference '{best['variant']}' has CIDEr "
+                            f"{best['CIDEr']}; no change can be measured against it (train it longer)")
+        refs[family] = best
+    return refs
 
 
 def build_table(metric_files, baselines: list[str], latency_file=None) -> pd.DataFrame:
-    """One row per variant. Size reduction and CIDEr change are against the baseline of the
-    row's decoder family (the big encoder with the dense fp32 decoder), as in the paper.
-    ``latency_file``: {variant: ms} from ``measure_artifacts``, replacing the metrics' own latency."""
+    """One row per variant: size reduction against the family's baseline, CIDEr change (with its 95%
+    interval) against the family's quality reference (see the module docstring).
+
+    ``latency_file``: {variant: ms} from ``measure_artifacts``, replacing the metrics' own latency.
+    The per-image CIDEr-D scores stay beside the table, in ``df.attrs["cider_per_image"]``
+    ({variant: {image id: score}}), for the summary's own comparisons.
+    """
     rows = [read_json(f) for f in metric_files]
+    per_image = {r.get("variant"): r.pop("cider_per_image") for r in rows if "cider_per_image" in r}
     if latency_file is not None:
         latency = read_json(latency_file)
         missing = [r["variant"] for r in rows if r.get("variant") not in latency]
@@ -42,49 +79,16 @@ def build_table(metric_files, baselines: list[str], latency_file=None) -> pd.Dat
     if missing:
         raise UserError(f"no baseline variant given for decoder(s) {sorted(missing)}")
     base_size = df["family"].map(lambda d: base[d]["size_mb"])
-    base_cider = df["family"].map(lambda d: base[d]["CIDEr"])
     df["size_reduction_pct"] = (1.0 - df["size_mb"] / base_size) * 100.0
-    df["cider_change_pct"] = (df["CIDEr"] / base_cider - 1.0) * 100.0
-    df = df[COLUMNS].sort_values(["decoder", "stage", "encoder", "variant"], kind="stable")
-    return df.reset_index(drop=True)
-
-
-def pareto_front(df: pd.DataFrame) -> pd.Series:
-    """True for rows that no other row beats on both size (smaller) and CIDEr (higher)."""
-    keep = []
-    for _, r in df.iterrows():
-        dominated = ((df["size_mb"] <= r["size_mb"]) & (df["CIDEr"] >= r["CIDEr"])
-                     & ((df["size_mb"] < r["size_mb"]) | (df["CIDEr"] > r["CIDEr"]))).any()
-        keep.append(not dominated)
-    return pd.Series(keep, index=df.index)
-
-
-def plot_pareto(df: pd.DataFrame, out) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    front = pareto_front(df)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for dec, g in df.groupby("decoder"):
-        ax.scatter(g["size_mb"], g["CIDEr"], label=dec, alpha=0.8)
-    f = df[front].sort_values("size_mb")
-    ax.plot(f["size_mb"], f["CIDEr"], "k--", lw=1, label="Pareto front")
-    ax.scatter(f["size_mb"], f["CIDEr"], s=90, facecolors="none", edgecolors="k")
-    for _, r in f.iterrows():
-        ax.annotate(r["variant"], (r["size_mb"], r["CIDEr"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("size on disk (MB, log scale)")
-    ax.set_ylabel("CIDEr-D")
-    ax.set_title("Quality against size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    refs = quality_references(df)
+    df["quality_reference"] = df["family"].map(lambda f: refs[f]["variant"])
+    df["reference_cider"] = df["family"].map(lambda f: refs[f]["CIDEr"])
+    changes = [change_with_interval(per_image, r.variant, r.quality_reference, r.CIDEr, r.reference_cider)
+               for r in df.itertuples(index=False)]
+    df[["cider_change_pct", "cider_change_lo", "cider_change_hi"]] = np.array(changes, dtype=np.float64).reshape(-1, 3)
+    df = df[COLUMNS].sort_values(["decoder", "stage", "encoder", "variant"], kind="stable").reset_index(drop=True)
+    df.attrs["cider_per_image"] = per_image
+    return df
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -106,6 +110,8 @@ def write_results(metric_files, baselines: list[str], out_dir, latency_file=None
     with atomic_path(out_dir / "table.csv") as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
     write_text(out_dir / "table.md", to_markdown(df))
+    from .plot import plot_pareto
+
     plot_pareto(df, out_dir / "pareto.png")
     from .summary import write_summary
 

@@ -13,10 +13,11 @@ def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: s
     """Prune ``decoder_ckpt`` with ``method`` at ``ratio`` and fine-tune it with XE, masks held.
 
     The decoder is rebuilt from the checkpoint's own config; ``train_kwargs`` go to ``train_xe``
-    (``stage`` defaults to "prune"). Returns ``train_xe``'s report; the kept checkpoint's metadata
-    holds the measured sparsity.
+    (``stage`` defaults to "prune", or "control" at ratio 0: the same fine-tuning with nothing pruned,
+    the dense control of a pruning sweep). Returns ``train_xe``'s report; the kept checkpoint's
+    metadata holds the measured sparsity.
     """
-    train_kwargs.setdefault("stage", "prune")
+    train_kwargs.setdefault("stage", "prune" if ratio else "control")
     return train_xe(features_h5, prepared_dir, out_path, train_kwargs.pop("decoder_name", None),
                     train_kwargs.pop("decoder_cfg", None), epochs=epochs, lr=lr, init_from=decoder_ckpt,
                     pruner=Pruner(method, ratio, epochs), **train_kwargs)

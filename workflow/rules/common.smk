@@ -29,7 +29,7 @@ wildcard_constraints:
     dstage="[A-Za-z0-9_.]+",
     train="xe|scst|kd",
     method="global|layerwise|gradual",
-    ratio="0\\.[0-9]+",
+    ratio="0(\\.[0-9]+)?",
     quant="fp32|fp16|int8",
 
 

@@ -203,3 +203,20 @@ def test_train_xe_user_errors(tmp_path):
         train_xe(feats, prep, tmp_path / "x.safetensors", "nope", {}, epochs=1, progress=False)
     with pytest.raises(UserError, match="vocab_size"):
         train_xe(feats, prep, tmp_path / "x.safetensors", "updown", {"vocab_size": 3}, epochs=1, progress=False)
+
+
+def test_patience_stops_at_the_plateau_and_a_resumed_run_stops_there_too(tmp_path, capfd):
+    feats, prep = make_dataset(tmp_path)
+    out = tmp_path / "p" / "xe.safetensors"
+    # a learning rate too small to change any caption: val CIDEr-D never beats epoch 1
+    kw = dict(batch_size=3, lr=1e-12, seed=0, progress=False, patience=2, keep_resume=True)
+    res = train_xe(feats, prep, out, "updown", TINY, epochs=10, **kw)
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3] and res["best_epoch"] == 1
+    assert "has not improved for 2 epochs since epoch 1; stopping" in capfd.readouterr().err
+    again = train_xe(feats, prep, out, "updown", TINY, epochs=10, **kw)
+    assert again["history"] == res["history"]  # resumed after epoch 3, and stopped at once
+    full = train_xe(feats, prep, tmp_path / "f" / "xe.safetensors", "updown", TINY, epochs=4,
+                    **dict(kw, patience=None))
+    assert len(full["history"]) == 4  # without patience: every epoch
+    with pytest.raises(UserError, match="patience must be at least 1"):
+        train_xe(feats, prep, tmp_path / "x.safetensors", "updown", TINY, epochs=2, **dict(kw, patience=0))

@@ -64,6 +64,7 @@ class Run:
     log_json: str | Path | None = None
     keep_resume: bool = False
     progress: bool = True
+    patience: int | None = None       # stop once this many epochs pass without a better val CIDEr-D
     report_extra: dict = field(default_factory=dict)   # stage-specific keys of the returned report
 
 
@@ -91,6 +92,9 @@ def fit(run: Run, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer, dat
     the step's numbers, "val_cider", "seconds"}, plus "sparsity" with a mask. With a mask only
     epochs at its final sparsity (``mask.at_target``) may be kept; if none was, nothing is written.
     ``checkpoint_meta(epoch, val_cider, sparsity)`` gives the kept checkpoint's metadata.
+    With ``run.patience``, training stops early once that many epochs in a row did not beat the best
+    one (``run.epochs`` is then the most it runs); the decision is read from the history, so a
+    resumed run stops where the uninterrupted one did.
     """
     resume_path, best_path = run_files(run.out_path)
     start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
@@ -105,6 +109,10 @@ def fit(run: Run, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer, dat
                 "out_path": str(run.out_path)}
 
     for epoch in range(start, run.epochs):
+        if run.patience and best_epoch and epoch - best_epoch >= run.patience:
+            print(f"{run.stage}: val CIDEr-D has not improved for {epoch - best_epoch} epochs since epoch "
+                  f"{best_epoch}; stopping", file=sys.stderr)
+            break
         t0 = time.time()
         epoch_seed = run.seed * 100_003 + epoch
         torch.manual_seed(epoch_seed)                        # dropout

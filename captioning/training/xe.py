@@ -68,7 +68,7 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
              keep_resume: bool = False, progress: bool = True, init_from: str | Path | None = None,
              pruner=None, stage: str = "xe", teacher: str | Path | None = None,
              teacher_features: str | Path | None = None, kd_weight: float = 0.5, kd_temperature: float = 1.0,
-             amp: bool = False, pin_memory: bool = False) -> dict:
+             amp: bool = False, pin_memory: bool = False, patience: int | None = None) -> dict:
     """Train a decoder with cross-entropy; write the best val CIDEr-D epoch to ``out_path`` at the end.
 
     Returns ``loop.fit``'s report; history rows hold "loss" (plus "kd_loss" with a teacher and
@@ -86,9 +86,14 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
     asynchronous host-to-GPU copies (``loader.to_device``). Both are no-ops on a CPU; set, they
     enter the settings and the checkpoint's metadata.
 
+    ``patience``: stop once that many epochs in a row did not raise val CIDEr-D (``epochs`` is then
+    the most it trains), so a reference is trained to its plateau.
+
     ``keep_resume``: keep the resume and best files (``checkpoint.run_files``) after the end, so a
     finished run can be extended (``epochs`` is not part of the settings).
     """
+    if patience is not None and patience < 1:
+        raise UserError(f"patience must be at least 1 epoch, got {patience}")
     device = pick_device(device)
     decoder_cfg = dict(decoder_cfg or {})
     clash = sorted({"name", "vocab_size", "feat_dim"} & set(decoder_cfg))
@@ -147,7 +152,8 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
 
     run = Run(stage=stage, out_path=Path(out_path), settings=settings, epochs=epochs, batch_size=batch_size,
               seed=seed, lr_at=lambda epoch: lr_at(epoch, lr, lr_decay_every, lr_decay_rate), grad_clip=grad_clip,
-              device=device, pin_memory=pin_memory, log_json=log_json, keep_resume=keep_resume, progress=progress)
+              device=device, pin_memory=pin_memory, log_json=log_json, keep_resume=keep_resume, progress=progress,
+              patience=patience)
     step = XEStep(mp) if kd is None else DistillStep(mp, kd, kd_weight, kd_temperature, sequence_loss)
     validator = Validator(data, prepared_dir, beam_size, max_length, batch_size, device, pin_memory, progress)
     return fit(run, decoder, optimizer, data, step, validator, mp, pruner, checkpoint_meta)

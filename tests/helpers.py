@@ -10,7 +10,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 import yaml
+
+from captioning.training.xe import sequence_loss
 
 WORDS = ["a", "dog", "cat", "on", "the", "grass", "mat", "runs", "sits", "red"]
 W = {w: i + 1 for i, w in enumerate(WORDS)}
@@ -59,6 +62,19 @@ def make_dataset(root, n_caps=(5, 5, 3, 5, 5, 1, 5, 5, 5, 5), ids=None, seed=0):
 
 
 TINY = dict(input_encoding_size=16, rnn_size=16, att_hid_size=8, drop_prob=0.1)
+
+
+def overfit(model, fc, att, seq, lr: float, steps: int) -> list[float]:
+    """Adam on one batch with the training loss, ``steps`` times; the loss before each step."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = sequence_loss(model(fc, att, seq), seq)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 # ---- the tiny DAG of the workflow tests ------------------------------------------------------

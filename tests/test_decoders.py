@@ -20,7 +20,7 @@ from captioning.io import load_tensors, save_tensors
 from captioning.models import create_decoder, list_decoders, load_decoder, read_decoder_meta, save_decoder
 from captioning.models.embedding import embedding_table
 from captioning.models.search import beam_search, greedy
-from captioning.training.xe import sequence_loss
+from helpers import overfit
 from small_decoders import (PLAIN, SEQ, SMALL, VARIANTS, assert_stepping_equals_teacher_forcing, feats, small,
                             tiny)
 
@@ -142,14 +142,7 @@ def test_tiny_model_overfits_tiny_batch(name, variant):
     m = tiny(name, **kw)
     fc, att = feats(2)
     seq = torch.tensor([[3, 1, 4, 1, 5], [2, 6, 5, 0, 0]])
-    opt = torch.optim.Adam(m.parameters(), lr=small(name).lr)
-    losses = []
-    for _ in range(100 if factorised else 60):
-        loss = sequence_loss(m(fc, att, seq), seq)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit(m, fc, att, seq, small(name).lr, 100 if factorised else 60)
     assert losses[-1] < 0.01 * losses[0]
     with torch.no_grad():
         assert torch.equal(greedy(m.eval(), fc, att, max_length=5), seq)

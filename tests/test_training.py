@@ -13,7 +13,7 @@ from captioning.training.loop import trim_padding
 from captioning.training.validate import cider_d, generate_captions, simple_tokenize
 from captioning.training.xe import lr_at, sequence_loss
 
-from helpers import C, CAPS, HW, L, SPLITS, TINY, W, WORDS, make_dataset  # noqa: F401
+from helpers import C, CAPS, HW, L, SPLITS, TINY, W, WORDS, make_dataset, overfit  # noqa: F401
 
 
 # ---- loader ------------------------------------------------------------------------------------
@@ -125,17 +125,10 @@ def test_tiny_model_overfits_tiny_dataset(tmp_path):
     torch.manual_seed(0)
     m = create_decoder("updown", data.vocab_size, data.feat_dim, input_encoding_size=32, rnn_size=32,
                        att_hid_size=16, drop_prob=0.0)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     rows = data.index("train")[:2]  # one image of each kind, its first caption
     fc, att = data.fc[rows].float(), data.att[rows].float()
     seq = torch.stack([data.labels[data.start[r]] for r in rows])
-    losses = []
-    for _ in range(120):
-        loss = sequence_loss(m(fc, att, seq), seq)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit(m, fc, att, seq, 1e-2, 120)
     assert losses[-1] < 0.05 * losses[0]
     with torch.no_grad():
         out = greedy(m.eval(), fc, att, max_length=L)

@@ -106,8 +106,8 @@ def resume_if_possible(who: str, out_path: Path, settings: dict, decoder, optimi
     stderr, and training starts over).
     """
     resume_path, best_path = run_files(out_path)
-    try:
-        meta = load_tensors(resume_path)[1] if resume_path.is_file() else None
+    try:  # the metadata alone: the tensors are read only when the file is used
+        meta = read_decoder_meta(resume_path) if resume_path.is_file() else None
     except UserError:
         meta = None  # a damaged resume file is ignored
     if meta is None:

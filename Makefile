@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= all
 
-.PHONY: install run test lint dag clean
+.PHONY: install run test lint dag readme-dag clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,8 +23,14 @@ test: install
 lint: install
 	$(VENV)/bin/snakemake --lint
 
+# rulegraph.md (mermaid: GitHub and browsers draw it); rulegraph.svg too where Graphviz's dot is installed.
 dag: install
-	$(VENV)/bin/snakemake --rulegraph | dot -Tsvg > rulegraph.svg
+	$(PY) tools/readme_dag.py > rulegraph.md
+	if command -v dot >/dev/null; then $(VENV)/bin/snakemake --rulegraph | dot -Tsvg > rulegraph.svg; fi
+
+# Rewrite README's rule graph after the rules change (tests/test_dag_drawing.py checks it).
+readme-dag: install
+	$(PY) tools/readme_dag.py --readme README.md
 
 clean:
 	rm -rf data work results logs .snakemake

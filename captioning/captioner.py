@@ -17,7 +17,10 @@ import torch
 from .compress import artifact
 from .compress.quantize import QUANT_MODES, apply_runtime, check_mode, encoding_for, roundtrip
 from .data.images import load_tensor
+from .encoders import create_encoder, load_encoder
 from .errors import UserError
+from .models import create_decoder, load_decoder
+from .timing import model_work
 from .utils import pick_device
 
 
@@ -68,9 +71,6 @@ def _build(encoder_config: dict, decoder_config: dict, groups, itow, max_length:
 
     Shared by ``load_captioner`` and ``quantize_captioner`` so both give the same model.
     """
-    from .encoders import create_encoder
-    from .models import create_decoder
-
     try:
         encoder = create_encoder(encoder_config["timm_name"], img_size=encoder_config["img_size"],
                                  mean=encoder_config["mean"], std=encoder_config["std"])
@@ -123,6 +123,7 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
     return artifact.pack(out, groups, config, lambda g, n, t: encoding_for(mode, g, n, t))
 
 
+@model_work
 def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: str = "fp32",
                  meta: dict | None = None) -> tuple[int, dict]:
     """Pack an encoder file and a decoder file with the prepared dataset's vocabulary and
@@ -134,9 +135,7 @@ def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: st
     from .compress.prune import measured_sparsity
     from .compress.quantize import storage_floor_bytes
     from .data.prepare import load_vocab
-    from .encoders import load_encoder
     from .io import read_json
-    from .models import load_decoder
 
     encoder, decoder = load_encoder(encoder_path), load_decoder(decoder_path)
     groups = {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}

@@ -9,7 +9,8 @@ whole run; ``main`` sets it once, before the verb runs, and the library function
 (``evaluation.latency``): their captioning runs with torch's default thread count, which the
 evaluation's scores were always computed with, so the results table does not depend on it.
 
-A user mistake (``UserError``) prints one line and exits 2; Ctrl-C exits 130; anything else is a
+Every verb that succeeds prints, as its last log line, its model work in seconds (``timing``), which
+``benchmarks/rules.py`` sets against the job's wall time. A user mistake (``UserError``) prints one line and exits 2; Ctrl-C exits 130; anything else is a
 bug and keeps its traceback. Imports are lazy, so ``captioning --help`` stays fast.
 """
 from __future__ import annotations
@@ -80,9 +81,12 @@ def cmd_prune(a):
 
 def cmd_pack(a):
     from .captioner import pack_variant
+    from .evaluation.evaluate import caption_artifact
 
     size, storage = pack_variant(a.out, a.encoder, a.decoder, a.prepared, a.quantization, a.meta)
     print(f"{a.out}: {size / 1e6:.2f} MB (floor {storage['floor_bytes'] / 1e6:.2f} MB)")
+    if a.caption_dir:  # in the same process: one start-up for packing and captioning
+        caption_artifact(a.out, a.prepared, a.caption_dir, beam_size=a.beam_size, device=a.device, meta=a.meta)
 
 
 SPICE = {"auto": "auto", "on": True, "off": False}
@@ -95,6 +99,18 @@ def cmd_evaluate(a):
                  latency_images=a.latency_images, threads=a.timing_threads, spice=SPICE[a.spice],
                  device=a.device, meta=a.meta)
     print(json.dumps({k: m[k] for k in ("CIDEr", "size_mb", "latency_ms")}))
+
+
+def cmd_score(a):
+    from .evaluation.evaluate import score_variants
+    from .evaluation.metrics import score_many
+
+    if a.eval_dirs:
+        score_variants(a.refs, a.eval_dirs, cache_dir=a.cache, spice=SPICE[a.spice])
+        return
+    scores = score_many(a.refs, a.results, spice=SPICE[a.spice])
+    named = {str(r): s for r, s in zip(a.results, scores)}
+    print(json.dumps(scores[0] if len(scores) == 1 else named, indent=1))
 
 
 def cmd_latency(a):
@@ -199,16 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ratio", type=float, required=True, help="fraction of the decoder's weights set to zero (0: the dense control, the same fine-tuning)")
     s.add_argument("--finetune", type=_json_arg, default={}, help="fine-tuning settings as JSON")
 
-    s = verb("pack", cmd_pack, "pack encoder + decoder + vocabulary into one .capz artifact", prepared, meta, out)
+    s = verb("pack", cmd_pack, "pack encoder + decoder + vocabulary into one .capz artifact", prepared, meta, out,
+             beam, device)
     s.add_argument("--encoder", required=True)
     s.add_argument("--decoder", required=True)
     s.add_argument("--quantization", default="fp32", choices=["fp32", "fp16", "int8"])
+    s.add_argument("--caption-dir", help="also caption the test images with the packed artifact: captions.json "
+                                         "and variant.json here (for `score --eval-dirs`)")
 
     s = verb("evaluate", cmd_evaluate, "caption the raw test images from an artifact and score them",
              model, prepared, split, beam, timing_threads, device, meta)
     s.add_argument("--out-dir", required=True)
     s.add_argument("--latency-images", type=int, default=20,
                    help="test images timed for latency_ms; 0 leaves it to the latency verb")
+    s.add_argument("--spice", default="auto", choices=list(SPICE))
+
+    s = verb("score", cmd_score, "score COCO-format captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE")
+    s.add_argument("--refs", required=True, help="reference captions, COCO annotation format")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--results", nargs="+", help="COCO results files ([{image_id, caption}]): print their metrics")
+    what.add_argument("--eval-dirs", nargs="+", help="variant dirs (captions.json + variant.json): write metrics.json")
+    s.add_argument("--cache", help="with --eval-dirs: reuse the scores of unchanged captions from this dir")
     s.add_argument("--spice", default="auto", choices=list(SPICE))
 
     s = verb("latency", cmd_latency, "time artifacts one after another (batch 1, raw test images)",
@@ -231,13 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .timing import model_seconds, timing_line
     from .utils import offline_hub, set_threads
 
     offline_hub()
     if getattr(args, "threads", None):  # the training verbs' --threads (see the module docstring)
         set_threads(args.threads)
+    before = model_seconds()
     try:
         args.fn(args)
+        print(timing_line(args.verb, model_seconds() - before), file=sys.stderr)
     except UserError as e:
         print(f"captioning {args.verb}: error: {e}", file=sys.stderr)
         return 2

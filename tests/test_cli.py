@@ -101,6 +101,7 @@ def test_bad_artifact_is_one_line(tmp_path, capsys):
 
 
 def _one_line_error(capsys, argv, *expected):
+    capsys.readouterr()  # what earlier calls printed
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -181,7 +182,7 @@ def _rule_commands():
 def test_every_option_the_workflow_passes_exists():
     found = list(_rule_commands())
     assert {verb for _, verb, _ in found} == {"synth", "prepare", "encoder", "extract", "train", "scst", "prune",
-                                              "pack", "evaluate", "latency", "table"}
+                                              "pack", "score", "latency", "table"}
     verbs = _verbs()
     for rule_file, verb, options in found:
         known = set(verbs[verb]._option_string_actions)

@@ -13,6 +13,7 @@ import pytest
 from captioning.errors import UserError
 from captioning.evaluation import ensure_java, metrics, ptb_tokenize, score_captions
 from captioning.evaluation.java import java_version
+from helpers import fake_meteor
 
 DATA = Path(__file__).parent / "data"
 
@@ -39,15 +40,6 @@ def _children() -> list[str]:
     return kids
 
 
-@contextlib.contextmanager
-def _fake_meteor():
-    """Stands in for the 10 s METEOR start in tests about SPICE plumbing."""
-    class Fake:
-        def compute_score(self, gts, res):
-            return 0.5, [0.5] * len(gts)
-    yield Fake()
-
-
 # ---------------------------------------------------------------- parity (the acceptance test)
 
 def test_reproduces_published_karpathy_test_scores_exactly():
@@ -65,6 +57,21 @@ def test_reproduces_published_karpathy_test_scores_exactly():
     assert sorted(per_image) == sorted(r["image_id"] for r in results) and len(per_image) == 5000
     assert np.mean(list(per_image.values())) == pytest.approx(scores["CIDEr"], abs=1e-12, rel=0)
     assert len(set(per_image.values())) > 1000  # real per-image scores, not one value repeated
+
+
+def test_batch_scoring_equals_one_run_per_results_file():
+    """One tokenizer run and one METEOR for several results files change no number of any of them."""
+    refs = metrics.bundled_coco_refs("val2014")
+    full = json.loads((DATA / "karpathy_test_captions.json").read_text())
+    # a second "variant": a subset of the images, half of them captioned with another image's caption
+    other = [{"image_id": r["image_id"], "caption": full[(n + 7) % len(full)]["caption"] if n % 2 else r["caption"]}
+             for n, r in enumerate(full[:800])]
+    batch = metrics.score_many(refs, [DATA / "karpathy_test_captions.json", other], spice=False, per_image=True)
+    expected = json.loads((DATA / "karpathy_test_captions.scores.json").read_text())
+    for key, value in expected.items():
+        assert batch[0][key.upper() if key.startswith("Bleu") else key] == pytest.approx(value, abs=1e-12, rel=0)
+    assert batch[1] == score_captions(refs, other, spice=False, per_image=True)
+    assert batch[1]["CIDEr"] < batch[0]["CIDEr"]
 
 
 # ---------------------------------------------------------------- small hand-made cases
@@ -146,7 +153,7 @@ def test_spice_required_without_jars_is_a_user_error(tmp_path, monkeypatch):
 def test_spice_auto_without_jars_is_none_with_one_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(metrics, "SPICE_DIR", tmp_path)
     monkeypatch.setattr(metrics, "_spice_warned", False)
-    monkeypatch.setattr(metrics, "meteor_scorer", _fake_meteor)
+    monkeypatch.setattr(metrics, "meteor_scorer", fake_meteor)
     results = [{"image_id": 1, "caption": "a dog"}]
     with caplog.at_level("WARNING"):
         first = score_captions(REFS, results)
@@ -164,7 +171,7 @@ def _fake_spice_install(tmp_path, monkeypatch, version):
         (tmp_path / "lib" / jar).write_bytes(b"")
     monkeypatch.setattr(metrics, "SPICE_DIR", tmp_path)
     monkeypatch.setattr(metrics, "java_version", lambda java: version)
-    monkeypatch.setattr(metrics, "meteor_scorer", _fake_meteor)
+    monkeypatch.setattr(metrics, "meteor_scorer", fake_meteor)
     monkeypatch.setenv("CAPTIONING_SPICE_CACHE", str(tmp_path / "cache"))
 
 

@@ -63,7 +63,7 @@ def run_dir(tmp_path_factory):
 def rules(run_dir):
     """Every rule that ran: each leaves a benchmark folder."""
     names = {p.name for p in (run_dir / "logs/benchmarks").iterdir()}
-    assert {"synthetic_dataset", "encoder_weights", "features", "train_xe", "pack", "evaluate", "table"} <= names
+    assert {"synthetic_dataset", "encoder_weights", "features", "train_xe", "pack", "score", "table"} <= names
     return names
 
 

@@ -79,8 +79,7 @@ def node_size(env):
 
 def smk_slurm(workdir, env, *args):
     """snakemake with profiles/slurm, overridden for the CPU-only test node: its partition,
-    no GPUs, its core count, and every SLURM log kept as evidence. Evaluation jobs take one CPU
-    instead of the whole node, so two run at once: only latency_ms depends on that."""
+    no GPUs, its core count, and every SLURM log kept as evidence."""
     rules = rule_names()
     overrides = [f"{r}:gpu=0" for r in rules]
     cpus, mem = node_size(env)
@@ -89,7 +88,7 @@ def smk_slurm(workdir, env, *args):
     cmd = SNAKEMAKE + [
         "-d", str(workdir), "--profile", str(ROOT / "profiles" / "slurm"), "--workflow-profile", "none",
         "--default-resources", f"slurm_partition={PARTITION}", "mem_mb=1000", "runtime=30",
-        "--slurm-keep-successful-logs", "--set-resources", *overrides, "--set-threads", "evaluate=1",
+        "--slurm-keep-successful-logs", "--set-resources", *overrides,
         "--cores", str(cpus), "--jobs", "4", "--latency-wait", "5", "--retries", "0",
         *args,
     ]
@@ -153,7 +152,7 @@ def test_profile_plans_the_dag(tmp_path):
     assert "Using profile" in r.stderr and "profiles/default" not in r.stderr
     assert job_counts_in(r.stdout) == {"synthetic_dataset": 1, "prepare_captions": 1, "encoder_weights": 2,
                                        "features": 2, "train_xe": 2, "prune_finetune": 2, "pack": 4,
-                                       "evaluate": 4, "latency": 1, "table": 1}
+                                       "score": 1, "latency": 1, "table": 1}
 
 
 @pytest.mark.integration

@@ -85,7 +85,7 @@ def test_table_has_every_variant_and_column(tiny_run):
 @pytest.mark.integration
 def test_every_rule_left_a_log_and_a_benchmark(tiny_run):
     for rule in ["synthetic_dataset", "prepare_captions", "encoder_weights", "features", "train_xe",
-                 "prune_finetune", "pack", "evaluate", "latency", "table"]:
+                 "prune_finetune", "pack", "score", "latency", "table"]:
         assert list((tiny_run / "logs" / rule).glob("*.log")), rule
         assert list((tiny_run / "logs/benchmarks" / rule).glob("*.tsv")), rule
 
@@ -108,10 +108,9 @@ def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
             "Extracting features of tiny with encoder mnv3s",
             "Training decoder updown on encoder mnv3s features (cross-entropy)",
             "Distilling decoder updown on encoder mnv3s features from the baseline teacher",
-            "Packing variant mnv3s-updown-kd-fp32",
-            "Evaluating variant mnv3s-updown-kd-fp32",
-            "Packing variant mnv3s-updown-xe-fp32",
-            "Evaluating variant mnv3s-updown-xe-fp32",
+            "Packing and captioning variant mnv3s-updown-kd-fp32",
+            "Packing and captioning variant mnv3s-updown-xe-fp32",
+            "Scoring the test captions of every variant of tiny",
             "Timing every artifact of tiny on CPU",
             "Writing the results table of tiny",
         ])

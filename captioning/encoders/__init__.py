@@ -19,6 +19,7 @@ from ..io import load_tensors, save_tensors
 from ..utils import offline_hub
 
 offline_hub()  # before timm touches the hub: fail fast offline instead of retrying for ~47 s
+import timm  # noqa: E402 (at import, not inside a timed model step: it costs seconds)
 
 FILE_KIND = "captioning.encoder"
 
@@ -28,8 +29,6 @@ class FeatureEncoder(nn.Module):
 
     def __init__(self, timm_name: str, img_size: int, mean, std):
         super().__init__()
-        import timm
-
         cfg = timm.get_pretrained_cfg(timm_name)
         # ViT-style models fix the input size through their position embeddings; CNNs take any size
         kwargs = {"img_size": img_size} if cfg is not None and cfg.fixed_input_size else {}

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..data.images import load_tensor
 from ..errors import UserError
 from ..io import atomic_path, read_json
+from ..timing import model_work
 from ..utils import pick_device
 
 
@@ -53,6 +54,7 @@ def encode_images(encoder, paths, device: str = "auto", batch_size: int = 32) ->
 
 
 @torch.no_grad()
+@model_work
 def extract_features(encoder, images_json, image_root, out_h5, batch_size: int = 32, device: str = "auto") -> None:
     """Write the features of every image in ``images_json`` (paths relative to ``image_root``) to ``out_h5``."""
     import h5py

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..data.images import load_rgb
 from ..errors import UserError
 from ..io import read_json
+from ..timing import model_work
 from ..utils import pick_device, seed_everything
 from .features import read_images_json
 
@@ -62,6 +63,7 @@ def _micro_f1(logits: torch.Tensor, y: torch.Tensor) -> float:
     return 2 * tp / denom if denom else 1.0
 
 
+@model_work
 def pretrain(encoder, objects_json, images_json, image_root, epochs: int = 2, batch_size: int = 32,
              lr: float = 1e-3, seed: int = 0, device: str = "auto") -> dict:
     """Train ``encoder`` in place as a multi-label object classifier on the "train" split.

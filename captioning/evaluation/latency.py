@@ -10,6 +10,9 @@ import time
 
 import torch
 
+from ..captioner import load_captioner
+from ..timing import model_work
+
 
 def measure_latency(captioner, paths, beam_size: int = 3, threads: int = 1, warmup: int = 2) -> float:
     """Median milliseconds per image (encoder + decoder, batch 1, ``threads`` CPU threads).
@@ -32,6 +35,7 @@ def measure_latency(captioner, paths, beam_size: int = 3, threads: int = 1, warm
     return statistics.median(times)
 
 
+@model_work
 def measure_artifacts(models, prepared, out=None, split: str = "test", images: int = 20, beam_size: int = 3,
                       threads: int = 1) -> dict[str, float]:
     """``measure_latency`` of many artifacts back to back in one process, on the first ``images``
@@ -44,7 +48,6 @@ def measure_artifacts(models, prepared, out=None, split: str = "test", images: i
 
     from tqdm import tqdm
 
-    from ..captioner import load_captioner
     from ..io import write_json
     from ..data.prepare import split_images
 

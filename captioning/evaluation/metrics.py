@@ -193,6 +193,66 @@ def _use_spice(spice: bool | str, java: str) -> str | None:
     return None
 
 
+def _scored_images(order: list, ref_caps: dict, results) -> tuple[list, dict]:
+    """-> (the results' image ids in reference order, {image_id: caption}), or a one-line UserError."""
+    src, res_caps = load_results(results)
+    known = set(order)
+    unknown = [i for i in res_caps if i not in known]
+    if unknown:
+        raise UserError(f"{src}: image_id {unknown[0]!r} is not in the references"
+                        + (f" (nor are {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    ids = [i for i in order if i in res_caps]
+    empty = [i for i in ids if not ref_caps.get(i)]
+    if empty:
+        raise UserError(f"{src}: image_id {empty[0]!r} has no reference captions")
+    return ids, res_caps
+
+
+def score_many(refs: str | os.PathLike | dict, results: list, spice: bool | str = "auto", meteor=None,
+               per_image: bool = False) -> list[dict]:
+    """``score_captions`` of each entry of ``results`` against the same ``refs``, with one JVM of each kind.
+
+    Every caption of every results file goes through one tokenizer run (with -preserveLines each line
+    is tokenized on its own, so batching changes no token) and through one METEOR process: scoring
+    many variants costs one start-up, and each variant's numbers equal a run of its own.
+    """
+    order, ref_caps = load_refs(refs)
+    checked = [_scored_images(order, ref_caps, r) for r in results]
+    if not checked:
+        return []
+    java = ensure_java()
+    spice_java = _use_spice(spice, java)
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    out = []
+    # METEOR's java loads its paraphrase table (seconds) while the tokenizer and BLEU run.
+    with contextlib.nullcontext(meteor) if meteor is not None else meteor_scorer() as meteor:
+        scored = list(dict.fromkeys(i for ids, _ in checked for i in ids))
+        log.info("tokenizing %d images' references and %d results files", len(scored), len(checked))
+        tokens = ptb_tokenize({**{("g", i): ref_caps[i] for i in scored},
+                               **{("r", n, i): [res_caps[i]] for n, (ids, res_caps) in enumerate(checked)
+                                  for i in ids}}, java)
+        for n, (ids, _) in enumerate(checked):
+            gts = {i: tokens[("g", i)] for i in ids}
+            res = {i: tokens[("r", n, i)] for i in ids}
+            scores: dict[str, Any] = {}
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            for k, b in enumerate(bleu, 1):
+                scores[f"BLEU_{k}"] = float(b)
+            scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+            scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+            cider, cider_per_image = Cider().compute_score(gts, res)
+            scores["CIDEr"] = float(cider)
+            scores["SPICE"] = _spice(gts, res, spice_java) if spice_java else None
+            if per_image:
+                scores["CIDEr_per_image"] = {i: float(c) for i, c in zip(gts, cider_per_image)}
+            out.append(scores)
+    return out
+
+
 def score_captions(refs: str | os.PathLike | dict, results: str | os.PathLike | list,
                    spice: bool | str = "auto", meteor=None, per_image: bool = False) -> dict:
     """BLEU_1-4, METEOR, ROUGE_L, CIDEr (CIDEr-D) and SPICE of ``results`` against ``refs``.
@@ -205,42 +265,9 @@ def score_captions(refs: str | os.PathLike | dict, results: str | os.PathLike | 
     is "CIDEr" (pycocoevalcap's corpus CIDEr-D is the mean of its per-image scores), for
     confidence intervals by resampling images.
     """
-    order, ref_caps = load_refs(refs)
-    src, res_caps = load_results(results)
-    known = set(order)
-    unknown = [i for i in res_caps if i not in known]
-    if unknown:
-        raise UserError(f"{src}: image_id {unknown[0]!r} is not in the references"
-                        + (f" (nor are {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    ids = [i for i in order if i in res_caps]
-    empty = [i for i in ids if not ref_caps.get(i)]
-    if empty:
-        raise UserError(f"{src}: image_id {empty[0]!r} has no reference captions")
+    return score_many(refs, [results], spice=spice, meteor=meteor, per_image=per_image)[0]
 
-    java = ensure_java()
-    spice_java = _use_spice(spice, java)
 
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
-    scores: dict[str, float | None] = {}
-    # METEOR's java loads its paraphrase table (seconds) while the tokenizer and BLEU run.
-    with contextlib.nullcontext(meteor) if meteor is not None else meteor_scorer() as meteor:
-        log.info("tokenizing %d images' references and results", len(ids))
-        # One tokenizer run for both: with -preserveLines every caption is tokenized on its own.
-        both = ptb_tokenize({**{("g", i): ref_caps[i] for i in ids}, **{("r", i): [res_caps[i]] for i in ids}}, java)
-        gts = {i: both[("g", i)] for i in ids}
-        res = {i: both[("r", i)] for i in ids}
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        for n, b in enumerate(bleu, 1):
-            scores[f"BLEU_{n}"] = float(b)
-        log.info("METEOR")
-        scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
-    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    cider, cider_per_image = Cider().compute_score(gts, res)
-    scores["CIDEr"] = float(cider)
-    scores["SPICE"] = _spice(gts, res, spice_java) if spice_java else None
-    if per_image:
-        scores["CIDEr_per_image"] = {i: float(c) for i, c in zip(gts, cider_per_image)}
-    return scores
+def spice_will_run(spice: bool | str = "auto") -> bool:
+    """Whether ``score_many(..., spice=spice)`` computes SPICE here (raises as it would for True)."""
+    return _use_spice(spice, ensure_java()) is not None

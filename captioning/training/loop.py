@@ -31,6 +31,7 @@ from ..compress.prune import measured_sparsity
 from ..errors import UserError
 from ..io import write_json
 from ..models import CaptionDecoder, save_decoder
+from ..timing import model_work
 from .amp import MixedPrecision, optimizer_step
 from .checkpoint import finish, resume_if_possible, run_files, save_resume
 from .loader import Batch, CaptionData, to_device
@@ -82,6 +83,7 @@ def open_data(features_h5, prepared_dir, seq_per_img: int) -> CaptionData:
     return data
 
 
+@model_work
 def fit(run: Run, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer, data: CaptionData, step: Step,
         validator: Validator, mp: MixedPrecision, mask=None,
         checkpoint_meta: Callable[[int, float, dict | None], dict] = lambda epoch, val, sparsity: {}) -> dict:

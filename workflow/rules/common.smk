@@ -17,6 +17,7 @@ DS = config["dataset"]["name"]
 DATA = f"data/{DS}"
 WORK = f"work/{DS}"
 PREP = f"{WORK}/prepared"
+EVAL = f"results/eval/{DS}"
 # The gpu resource of training jobs: 1 on CUDA (one at a time locally, --gpus=1 on SLURM), else 0.
 GPU = gpu_jobs(config["device"])
 # Rules call the library through its CLI, with the interpreter that runs Snakemake.
@@ -73,8 +74,9 @@ def all_artifacts():
     return [f"{WORK}/artifacts/{v.name}.capz" for v in grid(config)]
 
 
-def all_metrics():
-    return [f"results/eval/{DS}/{v.name}/metrics.json" for v in grid(config)]
+def all_eval_files(name):
+    """One file per variant in its evaluation dir: captions.json, variant.json or metrics.json."""
+    return [f"{EVAL}/{v.name}/{name}" for v in grid(config)]
 
 
 def baseline_names():

@@ -1,39 +1,37 @@
-# Evaluation: caption the raw test images from each artifact and score them; time every artifact; then the table.
+# Evaluation: score every variant's test captions (rule pack wrote them from its artifact); time every
+# artifact; then the table.
 
 
-rule evaluate:
+rule score:
     message:
-        "Evaluating variant {wildcards.enc}-{wildcards.dec}-{wildcards.dstage}-{wildcards.quant}"
+        "Scoring the test captions of every variant of {DS}"
     input:
-        model=rules.pack.output,
+        captions=all_eval_files("captions.json"),
+        variants=all_eval_files("variant.json"),
         refs=rules.prepare_captions.output.refs_test,
-        images=rules.prepare_captions.output.images,
-        info=rules.prepare_captions.output.info,
     output:
-        metrics=f"results/eval/{DS}/{{enc}}-{{dec}}-{{dstage}}-{{quant}}/metrics.json",
-        captions=f"results/eval/{DS}/{{enc}}-{{dec}}-{{dstage}}-{{quant}}/captions.json",
+        all_eval_files("metrics.json"),
     params:
         cli=CAPTIONING,
-        e=config["evaluate"],
-        meta=variant_meta,
-        prep=lambda wc, input: os.path.dirname(input.info),
-        out=lambda wc, output: os.path.dirname(output.metrics),
-        device=config["device"],
+        dirs=lambda wc, input: [os.path.dirname(c) for c in input.captions],
+        spice=config["evaluate"]["spice"],
+        cache=f"{WORK}/scores",
     log:
-        f"logs/evaluate/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",
+        f"logs/score/{DS}.log",
     benchmark:
-        f"logs/benchmarks/evaluate/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.tsv"
+        f"logs/benchmarks/score/{DS}.tsv"
     conda:
         "../envs/captioning.yaml"
-    # Latency is timed apart (rule latency), so evaluations can run beside other jobs.
+    # One job for all variants: the tokenizer's and METEOR's JVMs start once, and the scores of
+    # captions that did not change come from the cache (keyed by their hash), so a rerun after one
+    # variant changed costs one start-up and that variant's scoring.
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{params.cli} evaluate --model {input.model} --prepared {params.prep} --out-dir {params.out}"
-        " --beam-size {params.e[beam_size]} --latency-images 0 --threads {threads}"
-        " --spice {params.e[spice]} --device {params.device} --meta {params.meta:q} > {log} 2>&1"
+        "{params.cli} score --refs {input.refs} --eval-dirs {params.dirs} --cache {params.cache}"
+        " --spice {params.spice} > {log} 2>&1"
 
 
 rule latency:
@@ -70,7 +68,7 @@ rule table:
     message:
         "Writing the results table of {DS}"
     input:
-        metrics=all_metrics(),
+        metrics=all_eval_files("metrics.json"),
         latency=rules.latency.output,
     output:
         csv=report("results/table.csv", caption="../report/table.rst", category="Results"),

@@ -1,21 +1,27 @@
 # Artifacts: every variant becomes one deployable .capz file (encoder + decoder + vocabulary),
-# and that file is what gets evaluated, so size_mb is a real size on disk.
+# and that file is what gets evaluated, so size_mb is a real size on disk. The same job captions the
+# raw test images with the file it wrote (one start-up for both); rule score scores them.
 
 
 rule pack:
     message:
-        "Packing variant {wildcards.enc}-{wildcards.dec}-{wildcards.dstage}-{wildcards.quant}"
+        "Packing and captioning variant {wildcards.enc}-{wildcards.dec}-{wildcards.dstage}-{wildcards.quant}"
     input:
         encoder=rules.encoder_weights.output,
         decoder=f"{WORK}/decoders/{{enc}}/{{dec}}/{{dstage}}.safetensors",
         vocab=rules.prepare_captions.output.vocab,
         info=rules.prepare_captions.output.info,
     output:
-        f"{WORK}/artifacts/{{enc}}-{{dec}}-{{dstage}}-{{quant}}.capz",
+        model=f"{WORK}/artifacts/{{enc}}-{{dec}}-{{dstage}}-{{quant}}.capz",
+        captions=f"{EVAL}/{{enc}}-{{dec}}-{{dstage}}-{{quant}}/captions.json",
+        variant=f"{EVAL}/{{enc}}-{{dec}}-{{dstage}}-{{quant}}/variant.json",
     params:
         cli=CAPTIONING,
         meta=variant_meta,
         prep=lambda wc, input: os.path.dirname(input.info),
+        out=lambda wc, output: os.path.dirname(output.captions),
+        beam=config["evaluate"]["beam_size"],
+        device=config["device"],
     log:
         f"logs/pack/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",
     benchmark:
@@ -28,4 +34,5 @@ rule pack:
         runtime=20,
     shell:
         "{params.cli} pack --encoder {input.encoder} --decoder {input.decoder} --prepared {params.prep}"
-        " --quantization {wildcards.quant} --meta {params.meta:q} --out {output} > {log} 2>&1"
+        " --quantization {wildcards.quant} --meta {params.meta:q} --out {output.model}"
+        " --caption-dir {params.out} --beam-size {params.beam} --device {params.device} > {log} 2>&1"

@@ -5,6 +5,8 @@ A variant is one row of the results table and one artifact, named ``{enc}-{dec}-
 says how the decoder was trained and pruned: ``xe``, ``scst``, ``kd``, or ``xe_global0.9`` (pruned
 to 90% by global magnitude, then fine-tuned). ``xe_global0`` is the sweep's dense control: the same
 fine-tuning at ratio 0, so a pruned row can be read against a dense model trained exactly as long.
+A ``_seed<k>`` suffix (``xe_seed1``, ``xe_global0_seed2``) is a dense reference trained again under
+seed ``seed + k`` (config ``seeds``): training noise, measured, never a reference or a budget row.
 
 Imported by the Snakefile, so it must stay light (no torch).
 """
@@ -34,14 +36,27 @@ def decoder_family(config: dict, dec: str) -> str:
     return config["decoders"][dec].get("variant_of", dec)
 
 
-def dstage_name(train: str, method: str | None = None, ratio: float | None = None) -> str:
-    """``xe``, or ``xe_global0.9`` for a decoder pruned to that ratio by that method."""
-    return train if method is None else f"{train}_{method}{ratio:g}"
+SEED_TAG = "_seed"
+
+
+def dstage_name(train: str, method: str | None = None, ratio: float | None = None, seed: int = 0) -> str:
+    """``xe``, or ``xe_global0.9`` for a decoder pruned to that ratio by that method; ``_seed<k>`` after
+    either for the same decoder trained under seed offset ``k``."""
+    name = train if method is None else f"{train}_{method}{ratio:g}"
+    return f"{name}{SEED_TAG}{seed}" if seed else name
+
+
+def split_seed(dstage: str) -> tuple[str, int]:
+    """(dstage without its seed tag, seed offset k or 0)."""
+    base, tag, k = dstage.rpartition(SEED_TAG)
+    if tag and k.isdigit() and int(k) > 0:
+        return base, int(k)
+    return dstage, 0
 
 
 def parse_dstage(dstage: str) -> tuple[str, str | None, float]:
     """(training, prune method or None, prune ratio or 0.0): the inverse of dstage_name."""
-    train, _, prune = dstage.partition("_")
+    train, _, prune = split_seed(dstage)[0].partition("_")
     if not prune:
         return train, None, 0.0
     method = prune.rstrip("0123456789.")
@@ -82,6 +97,16 @@ class Variant:
         return parse_dstage(self.dstage)[2]
 
     @property
+    def seed(self) -> int:
+        """The seed offset this decoder was trained under (0: the experiment's own ``seed``)."""
+        return split_seed(self.dstage)[1]
+
+    def with_seed(self, k: int) -> Variant:
+        """The same variant trained under seed offset ``k``."""
+        train, method, ratio = parse_dstage(self.dstage)
+        return Variant(self.enc, self.dec, dstage_name(train, method, ratio, k), self.quant)
+
+    @property
     def control(self) -> bool:
         """The pruning sweep's ratio-0 point: fine-tuned exactly as the pruned rows are, nothing pruned."""
         return self.prune_method is not None and self.prune_ratio == 0
@@ -89,7 +114,10 @@ class Variant:
     def stage(self, config: dict) -> str:
         """The one change this row measures against its baseline, checked from the most specific:
         a pruned decoder, then quantization, then the dense control, then SCST or distillation,
-        then an architecture variant, then a replaced encoder."""
+        then an architecture variant, then a replaced encoder. A reference trained under another
+        seed measures training noise alone (stage "seed")."""
+        if self.seed:
+            return "seed"
         if self.prune_method and not self.control:
             return "prune"
         if self.quant != "fp32":
@@ -115,13 +143,15 @@ class Variant:
             "prune_method": self.prune_method,
             "prune_ratio": self.prune_ratio,
             "quantization": self.quant,
+            "seed": config.get("seed", 0) + self.seed,
         }
 
 
 def grid(config: dict) -> list[Variant]:
     """Every table row, once, in table order: baseline and encoder replacement for every encoder and
     its decoders; then for the compress encoders and decoders every quantization of the dense and
-    pruned decoders, and the dense control (fp32); then the distilled and the SCST rows."""
+    pruned decoders, and the dense control (fp32); then the distilled and the SCST rows; then, with
+    ``seeds`` > 1, the dense references (baseline, encoder and control rows) under the other seeds."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.
@@ -142,7 +172,9 @@ def grid(config: dict) -> list[Variant]:
     for e in config["scst"]["encoders"]:
         out += [Variant(e, d, "scst", q) for d in stage_decoders(config, "scst")
                 for q in config["scst"]["quantization"]]
-    return list(dict.fromkeys(out))
+    out = list(dict.fromkeys(out))
+    references = [v for v in out if v.stage(config) in ("baseline", "encoder", "control")]
+    return out + [v.with_seed(k) for k in range(1, config.get("seeds", 1)) for v in references]
 
 
 def baseline_variants(config: dict) -> list[Variant]:

@@ -24,6 +24,9 @@ def test_wrong_type_names_the_key_and_what_is_allowed():
     c["dataset"]["synthetic"]["img_size"] = "big"
     assert schema_problems(c, SCHEMA) == [
         "dataset.synthetic.img_size: 'big' is not allowed (allowed: integer >= 32)"]
+    c = _config()
+    c["seeds"] = 0
+    assert schema_problems(c, SCHEMA) == ["seeds: 0 is not allowed (allowed: integer >= 1)"]
 
 
 def test_enum_and_unknown_key():

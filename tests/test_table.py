@@ -166,3 +166,34 @@ def test_a_change_against_a_zero_control_is_undefined_not_nan(tmp_path):
     text = summary_markdown(build_table(_metrics(tmp_path, rows), BASELINES))
     assert "| `small-ud-p5` | global | 0.5 | fp32 | 6.00 | 0.9900 | undefined (the reference scored 0) |" in text
     assert "nan" not in text
+
+
+def test_seed_copies_measure_training_noise_and_never_serve_as_reference(tmp_path):
+    """Copies of the dense references under other seeds: their spread is in the summary; even when a
+    copy scores highest it is not the quality reference, not in a budget, not in the SCST section."""
+    seeded = [row("small-ud-xe_global0_seed1-fp32", "small", "seed", 10.0, 1.1, prune_method="global",
+                  prune_ratio=0.0, seed=1),
+              row("small-ud-xe_global0_seed2-fp32", "small", "seed", 10.0, 0.9, prune_method="global",
+                  prune_ratio=0.0, seed=2),
+              row("small-ud-xe_seed1-fp32", "small", "seed", 10.0, 0.95, seed=1)]
+    rows = [dict(r, variant="small-ud-xe_global0-fp32", seed=0) if r["variant"] == "small-ud-ctl"
+            else dict(r, variant="small-ud-xe-fp32", seed=0) if r["variant"] == "small-ud-xe" else r
+            for r in ROWS] + seeded
+    df = build_table(_metrics(tmp_path, rows), BASELINES)
+    assert set(df.loc[df["family"] == "ud", "quality_reference"]) == {"small-ud-xe_global0-fp32"}
+    assert "seed" not in set(compression_rows(df)["stage"])
+    text = summary_markdown(df)
+    # the quality reference over 3 seeds: 1.0, 1.1, 0.9 -> mean 1.0, sd 0.1
+    assert ("- Training noise: over 3 seeds the quality reference scores CIDEr 1.0000 ± 0.1000 "
+            "(sd, 10.0% of the mean; range 0.9000–1.1000)") in text
+    noise = text[text.index("## Training noise"):]
+    assert "| `small-ud-xe_global0-fp32` | 3 | 1.0000, 1.1000, 0.9000 | 1.0000 | 0.1000 (10.0%) | 20.0% |" in noise
+    assert "| `small-ud-xe-fp32` | 2 | 0.9000, 0.9500 |" in noise
+    training = text[text.index("## Training: SCST"):text.index("## Training noise")]
+    assert "| `small-ud-scst` | scst | 0.9000 | 1.2000 | +33.33% |" in training  # against seed 0 alone
+    assert "_seed" not in text[:text.index("## Training noise")]
+
+
+def test_no_seed_copies_no_noise_section(tmp_path):
+    text = summary_markdown(build_table(_metrics(tmp_path, ROWS), BASELINES))
+    assert "Training noise" not in text

@@ -45,6 +45,28 @@ def test_dstage_name_and_parse_are_inverses(train, method, ratio, dstage):
     assert parse_dstage(dstage) == (train, method, ratio)
 
 
+@pytest.mark.parametrize("dstage, base, k", [
+    ("xe_seed1", "xe", 1), ("xe_global0_seed12", "xe_global0", 12), ("xe", "xe", 0), ("xe_global0.9", "xe_global0.9", 0),
+])
+def test_seed_copies_are_named_after_their_reference(dstage, base, k):
+    v = Variant("lite0", "updown", dstage)
+    assert v.seed == k and v.with_seed(0) == Variant("lite0", "updown", base)
+    assert v.with_seed(0).with_seed(k) == v and Variant.parse(v.name) == v
+    assert (v.training, v.prune_method, v.prune_ratio) == (base.split("_")[0], *parse_dstage(base)[1:])
+    c = _config()
+    assert v.stage(c) == ("seed" if k else v.with_seed(0).stage(c))
+    assert v.meta({**c, "seed": 10})["seed"] == 10 + k
+
+
+def test_seeds_copy_the_dense_references_only():
+    c = {**_small(), "seeds": 3}
+    names = [v.name for v in grid(c)]
+    assert names[:len(grid(_small()))] == [v.name for v in grid(_small())]  # the main rows first, unchanged
+    assert names[len(grid(_small())):] == [
+        f"{v}_seed{k}-fp32" for k in (1, 2) for v in ("big-u-xe", "small-u-xe", "small-u-xe_global0")]
+    assert all(v.stage(c) == "seed" for v in grid(c)[len(grid(_small())):])
+
+
 def test_variant_name_round_trip_and_parts():
     v = Variant.parse("lite0-updown-xe_global0.9-int8")
     assert v == Variant("lite0", "updown", "xe_global0.9", "int8")
@@ -92,9 +114,10 @@ def test_meta_is_the_tables_identity_columns_in_order():
         "prune_method": "layerwise",
         "prune_ratio": 0.7,
         "quantization": "fp16",
+        "seed": 0,
     }
     assert list(meta) == ["variant", "dataset", "encoder", "decoder", "family", "stage", "training",
-                          "prune_method", "prune_ratio", "quantization"]
+                          "prune_method", "prune_ratio", "quantization", "seed"]
 
 
 def test_decoder_family_is_the_parent_of_a_variant():

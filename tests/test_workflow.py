@@ -3,6 +3,7 @@
 One module-scoped run builds the table; the other tests reuse it to check caching,
 what a config change reruns, and that bad config values stop the run in one line.
 """
+import re
 import subprocess
 
 import pandas as pd
@@ -140,3 +141,28 @@ def test_bad_config_value_stops_with_one_line(tmp_path):
 def test_lint_is_clean():
     r = subprocess.run(SNAKEMAKE + ["--lint"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "Congratulations" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.integration
+def test_seeds_train_each_dense_reference_again_under_its_own_seed(tmp_path):
+    write_config(tmp_path, {**TINY_DAG, "seed": 5, "seeds": 2})
+    out = smk(tmp_path, "-n", "-p", "results/table.csv").stdout
+    shells = [line for line in out.splitlines() if " -m captioning " in line]
+    outs = [m.group(1) for m in (re.search(r" --out (\S+)", s) for s in shells) if m]
+    seeded = sorted(o.split("/decoders/")[1] for o in outs if "/decoders/" in o and "_seed1" in o)
+    # the baseline and encoder rows' cross-entropy decoders, and the dense controls fine-tuned from them
+    assert seeded == sorted(["r50/updown/xe_seed1.safetensors", "r50/aoanet/xe_seed1.safetensors",
+                             "r50/transformer/xe_seed1.safetensors", "mnv3s/updown/xe_seed1.safetensors",
+                             "lite0/updown/xe_seed1.safetensors", "lite0/aoanet/xe_seed1.safetensors",
+                             "lite0/transformer/xe_seed1.safetensors",
+                             "lite0/updown/xe_global0_seed1.safetensors",
+                             "lite0/transformer/xe_global0_seed1.safetensors"])
+    for s in shells:
+        if "_seed1.safetensors --log-json" in s:
+            assert " --seed 6 " in s, s  # seed + 1
+            if " prune " in s:
+                assert re.search(r"--decoder \S+/xe_seed1\.safetensors ", s), s  # from the same seed's decoder
+        elif " train " in s or " prune " in s:
+            assert " --seed 5 " in s, s
+    packed = [s for s in shells if " pack " in s and "_seed1-fp32.capz" in s]
+    assert len(packed) == 9

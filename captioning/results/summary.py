@@ -5,13 +5,17 @@ Only compression rows compete for a budget: encoder replacement, architecture ch
 quantization of cross-entropy-trained decoders. SCST and distilled rows change the training, not
 the model's size, so they get their own section, each against the same decoder trained by
 cross-entropy alone. Pruned rows are also read against the sweep's dense control, which had the
-same fine-tuning: what pruning costs, apart from what the extra training gives.
+same fine-tuning: what pruning costs, apart from what the extra training gives. With ``seeds`` > 1
+the dense references were also trained under other seeds: their spread is training noise, which the
+bootstrap over test images does not see.
 """
 from __future__ import annotations
 
 import math
 
 import pandas as pd
+
+from ..variants import Variant
 
 from ..io import write_text
 from .bootstrap import LEVEL, N_RESAMPLES, change_with_interval
@@ -72,12 +76,59 @@ def summary_markdown(df: pd.DataFrame) -> str:
             lines.append(f"- The baseline scores {(b['CIDEr'] / ref['CIDEr'] - 1) * 100:+.1f}% CIDEr against the "
                          "quality reference: a budget against the baseline would be met for free, so budgets here "
                          "use the quality reference.")
+        spread = seed_spread(df, ref["variant"])
+        if spread is not None:
+            lines.append(f"- Training noise: over {spread['n']} seeds the quality reference scores CIDEr "
+                         f"{spread['mean']:.4f} ± {spread['sd']:.4f} (sd, {spread['sd_pct']:.1f}% of the mean; range "
+                         f"{spread['min']:.4f}–{spread['max']:.4f}), beside the bootstrap intervals below, which "
+                         "cover test-image noise only.")
         lines.append("")
         lines += _budget_rows(compression_rows(g))
         lines.append("")
         lines += _control_rows(g, per_image)
     lines += _training_rows(df, per_image)
+    lines += _seed_rows(df)
     return "\n".join(lines)
+
+
+def _seed_group(name: str) -> str:
+    """The main-seed variant a row is a seed copy of (itself for a main-seed row)."""
+    try:
+        return Variant.parse(name).with_seed(0).name
+    except ValueError:
+        return name
+
+
+def seed_spread(df: pd.DataFrame, variant: str) -> dict | None:
+    """CIDEr of ``variant`` and its seed copies: n, mean, sd (n-1), sd as % of the mean, min, max;
+    None without seed copies."""
+    cider = df[df["variant"].map(_seed_group) == variant].sort_values("seed")["CIDEr"].dropna()
+    if len(cider) < 2:
+        return None
+    mean, sd = float(cider.mean()), float(cider.std(ddof=1))
+    return {"n": len(cider), "mean": mean, "sd": sd, "sd_pct": sd / mean * 100 if mean else math.nan,
+            "min": float(cider.min()), "max": float(cider.max()), "values": [float(c) for c in cider]}
+
+
+def _seed_rows(df: pd.DataFrame) -> list[str]:
+    """Every dense reference beside its copies trained under the other seeds."""
+    copies = df[df["stage"] == "seed"]
+    if copies.empty:
+        return []
+    rows = []
+    for name in sorted(set(copies["variant"].map(_seed_group))):
+        s = seed_spread(df, name)
+        if s is None:
+            continue
+        per_seed = ", ".join(f"{c:.4f}" for c in s["values"])
+        rows.append(f"| `{name}` | {s['n']} | {per_seed} | {s['mean']:.4f} | {s['sd']:.4f} ({s['sd_pct']:.1f}%) | "
+                    f"{(s['max'] - s['min']) / s['mean'] * 100:.1f}% |")
+    return ["## Training noise: the dense references under several seeds", "",
+            "The same model trained again under another seed (rows `..._seed<k>`, stage `seed`): never a reference "
+            "and never in a budget. A CIDEr change smaller than this spread is within training noise, whatever "
+            "its bootstrap interval says.", "",
+            "| reference | seeds | CIDEr per seed | mean | sd (% of mean) | range (% of mean) |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 def _budget_rows(g: pd.DataFrame) -> list[str]:
@@ -115,7 +166,7 @@ def _control_rows(g: pd.DataFrame, per_image: dict) -> list[str]:
 
 def _training_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
     """SCST and distilled decoders beside the same decoder and encoder trained by cross-entropy alone."""
-    dense = df[(df["quantization"] == "fp32") & df["prune_method"].isna()]
+    dense = df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["stage"] != "seed")]
     xe = dense[dense["training"] == "xe"].set_index(["encoder", "decoder"])
     rows = []
     for r in dense[dense["training"].isin(["scst", "kd"])].sort_values(["training", "variant"]).itertuples(index=False):

@@ -22,7 +22,7 @@ from ..io import atomic_path, read_json, write_text
 from .bootstrap import change_with_interval
 
 ID_COLS = ["variant", "dataset", "encoder", "decoder", "family", "stage", "training", "prune_method", "prune_ratio",
-           "sparsity", "quantization"]
+           "sparsity", "quantization", "seed"]
 SIZE_COLS = ["params", "nonzero_params", "size_mb", "floor_mb", "size_reduction_pct"]
 QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
                 "quality_reference", "reference_cider", "cider_change_pct", "cider_change_lo", "cider_change_hi"]
@@ -112,7 +112,7 @@ def write_results(metric_files, baselines: list[str], out_dir, latency_file=None
     write_text(out_dir / "table.md", to_markdown(df))
     from .plot import plot_pareto
 
-    plot_pareto(df, out_dir / "pareto.png")
+    plot_pareto(df[df["stage"] != "seed"], out_dir / "pareto.png")  # a seed copy sits on its reference
     from .summary import write_summary
 
     write_summary(df, out_dir / "summary.md")

@@ -32,6 +32,7 @@ wildcard_constraints:
     method="global|layerwise|gradual",
     ratio="0(\\.[0-9]+)?",
     quant="fp32|fp16|int8",
+    k="[1-9][0-9]*",
 
 
 def as_json(obj):

@@ -36,3 +36,18 @@ rule prune_finetune:
         " --method {wildcards.method} --ratio {wildcards.ratio} --finetune {params.finetune:q}"
         " --seed {params.seed} --threads {threads} --device {params.device} --out {output}"
         " --log-json {log}.json > {log} 2>&1"
+
+
+# Training noise (config seeds): the dense control of a reference trained under seed + k.
+use rule prune_finetune as prune_finetune_seed with:
+    input:
+        **{**dict(rules.prune_finetune.input.items()),
+           "decoder": f"{WORK}/decoders/{{enc}}/{{dec}}/{{train}}_seed{{k}}.safetensors"},
+    output:
+        f"{WORK}/decoders/{{enc}}/{{dec}}/{{train}}_{{method}}{{ratio}}_seed{{k}}.safetensors",
+    params:
+        seed=lambda wc: config["seed"] + int(wc.k),
+    log:
+        f"logs/prune_finetune/{DS}-{{enc}}-{{dec}}-{{train}}_{{method}}{{ratio}}_seed{{k}}.log",
+    benchmark:
+        f"logs/benchmarks/prune_finetune/{DS}-{{enc}}-{{dec}}-{{train}}_{{method}}{{ratio}}_seed{{k}}.tsv"

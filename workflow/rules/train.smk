@@ -114,3 +114,15 @@ rule train_kd:
         "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"
         " --decoder-config {params.dec:q} --train-config {params.train:q} --seed {params.seed}"
         " --threads {threads} --device {params.device} --out {output} --log-json {log}.json > {log} 2>&1"
+
+
+# Training noise (config seeds): a dense reference trained again under seed + k, its own target.
+use rule train_xe as train_xe_seed with:
+    output:
+        f"{WORK}/decoders/{{enc}}/{{dec}}/xe_seed{{k}}.safetensors",
+    params:
+        seed=lambda wc: config["seed"] + int(wc.k),
+    log:
+        f"logs/train_xe/{DS}-{{enc}}-{{dec}}-seed{{k}}.log",
+    benchmark:
+        f"logs/benchmarks/train_xe/{DS}-{{enc}}-{{dec}}-seed{{k}}.tsv"

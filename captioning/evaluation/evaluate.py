@@ -127,20 +127,21 @@ def score_variants(refs, eval_dirs, cache_dir=None, spice="auto") -> list[dict]:
     refs_hash = _sha256(refs)
     keys = [_score_key(refs_hash, d / "captions.json", spice_on) for d in dirs]
     cache = Path(cache_dir) if cache_dir else None
-    scores = [(_cached(cache / f"{k}.json") if cache else None) for k in keys]
-    todo = [n for n, s in enumerate(scores) if s is None]
+    found = {k: _cached(cache / f"{k}.json") for k in keys} if cache else {}
+    # identical captions (an fp16 copy often writes its fp32 twin's) are scored once
+    todo = list(dict.fromkeys(k for k in keys if found.get(k) is None))
     if todo:
-        fresh = score_many(refs, [d / "captions.json" for d in (dirs[n] for n in todo)], spice=spice_on,
-                           per_image=True)
-        for n, s in zip(todo, fresh):
+        first = {k: dirs[keys.index(k)] for k in todo}
+        fresh = score_many(refs, [first[k] / "captions.json" for k in todo], spice=spice_on, per_image=True)
+        for k, s in zip(todo, fresh):
             s["CIDEr_per_image"] = {str(i): c for i, c in s["CIDEr_per_image"].items()}
-            scores[n] = s
+            found[k] = s
             if cache:
-                write_json(cache / f"{keys[n]}.json", s, indent=None)
-    print(f"scored {len(todo)} of {len(dirs)} variants ({len(dirs) - len(todo)} unchanged, from the cache)")
+                write_json(cache / f"{k}.json", s, indent=None)
+    print(f"scored {len(todo)} distinct captions files for {len(dirs)} variants (the rest from the cache)")
     out = []
-    for d, s in zip(dirs, scores):
-        s = dict(s)
+    for d, k in zip(dirs, keys):
+        s = dict(found[k])
         # for intervals: the table resamples images, pairing each row with its reference
         per_image = s.pop("CIDEr_per_image")
         metrics = {**read_json(d / "variant.json"), **s, "cider_per_image": per_image}

@@ -179,6 +179,33 @@ def test_pretrain_reduces_loss(tmp_path):
         pretrain(enc, tmp_path / "objects.json", tmp_path / "images.json", tmp_path, epochs=1)
 
 
+def test_pretrain_patience_stops_at_the_plateau_and_keeps_the_best_epoch(tmp_path, monkeypatch):
+    import captioning.encoders.pretrain as pretraining
+
+    _objects_dataset(tmp_path)
+    script, states, sizes = iter([0.2, 0.5, 0.4, 0.45, 0.9]), [], []
+    real_load = pretraining._load_split
+
+    def scripted_f1(encoder, head, x, y, batch_size, device):  # validation F1 rises, then stalls
+        states.append({k: v.clone() for k, v in encoder.state_dict().items()})
+        return next(script)
+
+    def recording_load(items, root, size, labels, n_labels):
+        sizes.append(size)
+        return real_load(items, root, size, labels, n_labels)
+
+    monkeypatch.setattr(pretraining, "_evaluate", scripted_f1)
+    monkeypatch.setattr(pretraining, "_load_split", recording_load)
+    enc = create_encoder("resnet18", img_size=32)
+    hist = pretrain(enc, tmp_path / "objects.json", tmp_path / "images.json", tmp_path, epochs=5, batch_size=8,
+                    seed=0, device="cpu", patience=2, img_size=48)
+    # epochs 3 and 4 did not beat epoch 2: stop there (epoch 5's 0.9 is never reached), keep epoch 2
+    assert [e["val_f1"] for e in hist["epochs"]] == [0.2, 0.5, 0.4, 0.45] and hist["best_epoch"] == 2
+    assert all(torch.equal(v, states[1][k]) for k, v in enc.state_dict().items())
+    assert not all(torch.equal(v, states[3][k]) for k, v in enc.state_dict().items())
+    assert sizes == [48, 48] and enc.img_size == 32  # pretrained at 48 px; the encoder keeps its own size
+
+
 def test_extract_features_matches_encode_images(tmp_path):
     items = _images(tmp_path, [((200, 30 * n, 10), "train") for n in range(5)])
     (tmp_path / "images.json").write_text(json.dumps(items))

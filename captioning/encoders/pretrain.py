@@ -65,11 +65,17 @@ def _micro_f1(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 @model_work
 def pretrain(encoder, objects_json, images_json, image_root, epochs: int = 2, batch_size: int = 32,
-             lr: float = 1e-3, seed: int = 0, device: str = "auto") -> dict:
+             lr: float = 1e-3, seed: int = 0, device: str = "auto", patience: int | None = None,
+             img_size: int | None = None) -> dict:
     """Train ``encoder`` in place as a multi-label object classifier on the "train" split.
 
-    Returns ``{"epochs": [{"loss": mean train BCE, "val_f1": micro-F1 on "val" or None}, ...]}``.
-    The encoder ends in eval mode on CPU, ready for ``save_encoder``.
+    ``patience``: stop once validation F1 has not risen for that many epochs in a row, and keep the
+    best epoch's weights, so the big baseline is pretrained to its plateau (``epochs`` is the most
+    it runs). ``img_size``: pretrain at this side instead of the encoder's own (a CNN takes any size):
+    at half the side an epoch costs about a quarter, so more epochs fit the same time.
+    Returns ``{"epochs": [{"loss": mean train BCE, "val_f1": micro-F1 on "val" or None}, ...],
+    "best_epoch": 1-based epoch whose weights were kept}``. The encoder ends in eval mode on CPU,
+    ready for ``save_encoder``.
     """
     seed_everything(seed)
     device = pick_device(device)
@@ -80,15 +86,16 @@ def pretrain(encoder, objects_json, images_json, image_root, epochs: int = 2, ba
     val = [it for it in items if it.get("split") == "val"]
     if not train:
         raise UserError(f"{images_json}: no images in the 'train' split to pretrain on")
-    x_train, y_train = _load_split(train, root, encoder.img_size, labels, n_labels)
-    x_val, y_val = _load_split(val, root, encoder.img_size, labels, n_labels)
+    size = img_size or encoder.img_size
+    x_train, y_train = _load_split(train, root, size, labels, n_labels)
+    x_val, y_val = _load_split(val, root, size, labels, n_labels)
 
     encoder.to(device)
     head = nn.Linear(encoder.feat_dim, n_labels).to(device)
     opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=lr)
     loss_fn = nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(seed)
-    history = []
+    history, best, best_state = [], -1.0, None
     for epoch in range(epochs):
         encoder.train()
         order = torch.randperm(len(train), generator=gen)
@@ -110,8 +117,18 @@ def pretrain(encoder, objects_json, images_json, image_root, epochs: int = 2, ba
             bar.set_postfix(loss=f"{total / seen:.4f}")
         val_f1 = _evaluate(encoder, head, x_val, y_val, batch_size, device)
         history.append({"loss": total / max(seen, 1), "val_f1": val_f1})
+        print(f"pretrain epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}  val F1 {val_f1}", flush=True)
+        if patience is None or val_f1 is None:
+            continue
+        if val_f1 > best:
+            best, best_epoch = val_f1, epoch
+            best_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    if best_state is not None:
+        encoder.load_state_dict(best_state)
     encoder.eval().cpu()
-    return {"epochs": history}
+    return {"epochs": history, "best_epoch": (best_epoch if best_state is not None else len(history) - 1) + 1}
 
 
 @torch.no_grad()

@@ -63,7 +63,9 @@ def read_job(tsv: Path, run_dir: Path) -> Job:
     """One job from its benchmark file and the log with the same rule and stem."""
     rel = tsv.relative_to(run_dir / "logs" / "benchmarks")
     with tsv.open() as f:
-        record = next(csv.DictReader(f, delimiter="\t"))
+        record = next(csv.DictReader(f, delimiter="\t"), None)
+    if record is None:
+        raise SystemExit(f"{tsv}: empty benchmark file (a job that did not finish?)")
     return Job(rule=rel.parts[0], wall=_seconds(record["s"]), cpu=_seconds(record["cpu_time"]),
                model=model_seconds(run_dir / "logs" / rel.with_suffix(".log")))
 
@@ -136,6 +138,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cores", type=int, default=2, help="cores the run was given (default 2)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = ap.parse_args(argv)
+    if args.wall is not None and args.wall <= 0 or args.cores < 1:
+        ap.error("--wall must be > 0 and --cores >= 1")
     rows = per_rule(read_run(args.run_dir))
     if not rows:
         raise SystemExit(f"no benchmark files under {args.run_dir / 'logs' / 'benchmarks'}")

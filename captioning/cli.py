@@ -108,6 +108,8 @@ def cmd_score(a):
     if a.eval_dirs:
         score_variants(a.refs, a.eval_dirs, cache_dir=a.cache, spice=SPICE[a.spice])
         return
+    if a.cache:
+        raise UserError("--cache goes with --eval-dirs (it caches the metrics.json of variant dirs), not --results")
     scores = score_many(a.refs, a.results, spice=SPICE[a.spice])
     named = {str(r): s for r, s in zip(a.results, scores)}
     print(json.dumps(scores[0] if len(scores) == 1 else named, indent=1))

@@ -37,6 +37,9 @@ def decoder_family(config: dict, dec: str) -> str:
 
 
 SEED_TAG = "_seed"
+# The rows of uncompressed models (dense, cross-entropy): quality-reference candidates, and what
+# ``seeds`` trains again.
+REFERENCE_STAGES = ("baseline", "encoder", "control")
 
 
 def dstage_name(train: str, method: str | None = None, ratio: float | None = None, seed: int = 0) -> str:
@@ -173,7 +176,7 @@ def grid(config: dict) -> list[Variant]:
         out += [Variant(e, d, "scst", q) for d in stage_decoders(config, "scst")
                 for q in config["scst"]["quantization"]]
     out = list(dict.fromkeys(out))
-    references = [v for v in out if v.stage(config) in ("baseline", "encoder", "control")]
+    references = [v for v in out if v.stage(config) in REFERENCE_STAGES]
     return out + [v.with_seed(k) for k in range(1, config.get("seeds", 1)) for v in references]
 
 

@@ -314,6 +314,34 @@ def test_pack_stores_what_it_did_before(pack_inputs, tmp_path, quantization, cap
     assert load_captioner(out).max_length == 12
 
 
+def test_pack_also_captions_the_test_split_with_the_packed_file(pack_inputs, tmp_path, capsys):
+    """What rule pack hands rule score: the test images' captions, written from the artifact on disk,
+    and the variant's size and parameters."""
+    from captioning.evaluation.evaluate import count_params
+
+    d, _ = pack_inputs
+    prep = tmp_path / "prep"
+    shutil.copytree(d / "prep", prep)
+    root = COCO_IMAGES[0].parents[1]
+    images = [{"id": n, "split": "test" if n % 2 else "train", "file_path": str(p.relative_to(root))}
+              for n, p in enumerate(COCO_IMAGES)]
+    (prep / "images.json").write_text(json.dumps(images))
+    (prep / "info.json").write_text(json.dumps({"image_root": str(root)}))
+    out, eval_dir = tmp_path / "m.capz", tmp_path / "eval"
+    assert main(["pack", "--encoder", str(d / "enc.safetensors"), "--decoder", str(d / "dec.safetensors"),
+                 "--prepared", str(prep), "--quantization", "int8", "--meta", '{"variant": "x"}', "--out", str(out),
+                 "--caption-dir", str(eval_dir), "--beam-size", "2", "--device", "cpu"]) == 0
+    captions = json.loads((eval_dir / "captions.json").read_text())
+    test = [im for im in images if im["split"] == "test"]
+    assert [c["image_id"] for c in captions] == [im["id"] for im in test]  # the test split only, in order
+    cap = load_captioner(out)
+    assert [c["caption"] for c in captions] == cap.caption_files([root / im["file_path"] for im in test], beam_size=2)
+    variant = json.loads((eval_dir / "variant.json").read_text())
+    assert variant["variant"] == "x" and variant["size_bytes"] == out.stat().st_size
+    assert (variant["params"], variant["nonzero_params"]) == count_params(cap)
+    assert variant["n_images"] == len(test) == 2 and variant["beam_size"] == 2 and variant["latency_ms"] is None
+
+
 def test_max_length_is_needed_not_guessed(pack_inputs, tmp_path, capsys):
     d, _ = pack_inputs
     prep = tmp_path / "prep"

@@ -206,6 +206,18 @@ def test_pretrain_patience_stops_at_the_plateau_and_keeps_the_best_epoch(tmp_pat
     assert sizes == [48, 48] and enc.img_size == 32  # pretrained at 48 px; the encoder keeps its own size
 
 
+def test_pretrain_settings_it_cannot_honour_are_user_errors(tmp_path):
+    _objects_dataset(tmp_path)
+    vit = create_encoder("vit_tiny_patch16_224", img_size=32)
+    with pytest.raises(UserError, match="pretrain.img_size 48: vit_tiny_patch16_224 takes only its own size 32"):
+        pretrain(vit, tmp_path / "objects.json", tmp_path / "images.json", tmp_path, img_size=48, device="cpu")
+    items = [it for it in json.loads((tmp_path / "images.json").read_text()) if it["split"] != "val"]
+    (tmp_path / "images.json").write_text(json.dumps(items))
+    with pytest.raises(UserError, match="pretrain.patience needs validation F1"):
+        pretrain(create_encoder("resnet18", img_size=32), tmp_path / "objects.json", tmp_path / "images.json",
+                 tmp_path, patience=1, device="cpu")
+
+
 def test_extract_features_matches_encode_images(tmp_path):
     items = _images(tmp_path, [((200, 30 * n, 10), "train") for n in range(5)])
     (tmp_path / "images.json").write_text(json.dumps(items))

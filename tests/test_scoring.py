@@ -113,3 +113,11 @@ def test_score_verb_bad_results_is_one_line(scored, capsys):
     assert main(["score", "--refs", str(root / "refs.json"), "--results", str(root / "bad.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "image_id 99 is not in the references" in err
+
+
+def test_score_verb_cache_goes_with_eval_dirs_only(scored, capsys):
+    root, calls = scored
+    (root / "good.json").write_text(json.dumps(GOOD))
+    assert main(["score", "--refs", str(root / "refs.json"), "--results", str(root / "good.json"),
+                 "--cache", str(root / "c")]) == 2
+    assert "--cache goes with --eval-dirs" in capsys.readouterr().err and calls == []

@@ -31,7 +31,8 @@ class FeatureEncoder(nn.Module):
         super().__init__()
         cfg = timm.get_pretrained_cfg(timm_name)
         # ViT-style models fix the input size through their position embeddings; CNNs take any size
-        kwargs = {"img_size": img_size} if cfg is not None and cfg.fixed_input_size else {}
+        self.fixed_input_size = bool(cfg is not None and cfg.fixed_input_size)
+        kwargs = {"img_size": img_size} if self.fixed_input_size else {}
         self.model = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
         self.timm_name = timm_name
         self.img_size = int(img_size)

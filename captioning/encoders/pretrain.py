@@ -86,6 +86,11 @@ def pretrain(encoder, objects_json, images_json, image_root, epochs: int = 2, ba
     val = [it for it in items if it.get("split") == "val"]
     if not train:
         raise UserError(f"{images_json}: no images in the 'train' split to pretrain on")
+    if patience is not None and not val:
+        raise UserError(f"pretrain.patience needs validation F1, but {images_json} has no 'val' images")
+    if img_size and img_size != encoder.img_size and encoder.fixed_input_size:
+        raise UserError(f"pretrain.img_size {img_size}: {encoder.timm_name} takes only its own size "
+                        f"{encoder.img_size} (fixed input size)")
     size = img_size or encoder.img_size
     x_train, y_train = _load_split(train, root, size, labels, n_labels)
     x_val, y_val = _load_split(val, root, size, labels, n_labels)

@@ -50,18 +50,18 @@ def _caption_split(cap, images, paths, split: str, beam_size: int, batch_size: i
 
 
 def caption_artifact(model, prepared, out_dir, split="test", beam_size=3, batch_size=16, latency_images=0,
-                     threads=1, device="cpu", meta=None, captioner=None) -> dict:
+                     threads=1, device="cpu", meta=None) -> dict:
     """Caption ``split`` with the artifact ``model``: ``out_dir``/captions.json and variant.json.
 
     variant.json holds what the variant is (``meta``) and what it weighs: parameters, sparsity and
     size on disk. ``latency_images`` > 0 also times it (``threads`` CPU threads, on CPU); the
-    workflow leaves latency to ``measure_artifacts``. ``captioner``: the artifact already loaded.
+    workflow leaves latency to ``measure_artifacts``.
     """
     from ..captioner import load_captioner
 
     prepared, out_dir = Path(prepared), Path(out_dir)
     images, paths = split_images(prepared, split)
-    cap = captioner or load_captioner(model, device=device)
+    cap = load_captioner(model, device=device)
     results = _caption_split(cap, images, paths, split, beam_size, batch_size)
     params, nonzero = count_params(cap)
     latency = None

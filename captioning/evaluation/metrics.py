@@ -210,11 +210,12 @@ def _scored_images(order: list, ref_caps: dict, results) -> tuple[list, dict]:
 
 def score_many(refs: str | os.PathLike | dict, results: list, spice: bool | str = "auto", meteor=None,
                per_image: bool = False) -> list[dict]:
-    """``score_captions`` of each entry of ``results`` against the same ``refs``, with one JVM of each kind.
+    """``score_captions`` of each entry of ``results`` against the same ``refs``, batched.
 
     Every caption of every results file goes through one tokenizer run (with -preserveLines each line
     is tokenized on its own, so batching changes no token) and through one METEOR process: scoring
-    many variants costs one start-up, and each variant's numbers equal a run of its own.
+    many variants costs one start-up of each, and each variant's numbers equal a run of its own.
+    (SPICE, when it runs, still starts once per results file.)
     """
     order, ref_caps = load_refs(refs)
     checked = [_scored_images(order, ref_caps, r) for r in results]

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_text
+from ..variants import REFERENCE_STAGES
 from .bootstrap import change_with_interval
 
 ID_COLS = ["variant", "dataset", "encoder", "decoder", "family", "stage", "training", "prune_method", "prune_ratio",
@@ -27,18 +28,16 @@ SIZE_COLS = ["params", "nonzero_params", "size_mb", "floor_mb", "size_reduction_
 QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
                 "quality_reference", "reference_cider", "cider_change_pct", "cider_change_lo", "cider_change_hi"]
 COLUMNS = ID_COLS + SIZE_COLS + QUALITY_COLS + ["latency_ms"]
-# Stages whose models are uncompressed (dense, fp32, cross-entropy): candidates for the quality reference.
-UNCOMPRESSED_STAGES = ("baseline", "encoder", "control")
 
 
 def quality_references(df: pd.DataFrame) -> dict[str, pd.Series]:
     """{family: its highest-CIDEr uncompressed row}; a family without one, or whose best has CIDEr 0, is a UserError."""
     refs = {}
     for family, g in df.groupby("family", sort=True):
-        cand = g[g["stage"].isin(UNCOMPRESSED_STAGES) & (g["quantization"] == "fp32")
+        cand = g[g["stage"].isin(REFERENCE_STAGES) & (g["quantization"] == "fp32")
                  & (g["training"].fillna("xe") == "xe")].dropna(subset=["CIDEr"])
         if cand.empty:
-            raise UserError(f"decoder family '{family}': no uncompressed model (stage {', '.join(UNCOMPRESSED_STAGES)}) "
+            raise UserError(f"decoder family '{family}': no uncompressed model (stage {', '.join(REFERENCE_STAGES)}) "
                             "to measure CIDEr changes against")
         best = cand.sort_values(["CIDEr", "variant"], ascending=[False, True], kind="stable").iloc[0]
         if not best["CIDEr"] > 0:

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from importlib.metadata import version
 
 sys.path.insert(0, workflow.basedir)  # the package, when the workflow runs from a checkout
 from captioning.config import gpu_jobs, validate_config  # noqa: E402

@@ -40,6 +40,8 @@ rule prune_finetune:
 
 # Training noise (config seeds): the dense control of a reference trained under seed + k.
 use rule prune_finetune as prune_finetune_seed with:
+    message:
+        "Fine-tuning the dense control of decoder {wildcards.dec} on encoder {wildcards.enc} (seed + {wildcards.k})"
     input:
         **{**dict(rules.prune_finetune.input.items()),
            "decoder": f"{WORK}/decoders/{{enc}}/{{dec}}/{{train}}_seed{{k}}.safetensors"},

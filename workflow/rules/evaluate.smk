@@ -16,6 +16,8 @@ rule score:
         dirs=lambda wc, input: [os.path.dirname(c) for c in input.captions],
         spice=config["evaluate"]["spice"],
         cache=f"{WORK}/scores",
+        # a new scorer version rescores everything (the cache keys hold it too)
+        scorer=f"pycocoevalcap {version('pycocoevalcap')}",
     log:
         f"logs/score/{DS}.log",
     benchmark:
@@ -27,8 +29,9 @@ rule score:
     # variant changed costs one start-up and that variant's scoring.
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        # SPICE (spice on, or auto with its jars present) runs java with -Xmx8G, minutes per variant
+        mem_mb=10000 if config["evaluate"]["spice"] == "on" else 4000,
+        runtime=lambda wc, input: 30 + (3 if config["evaluate"]["spice"] != "off" else 1) * len(input.captions),
     shell:
         "{params.cli} score --refs {input.refs} --eval-dirs {params.dirs} --cache {params.cache}"
         " --spice {params.spice} > {log} 2>&1"

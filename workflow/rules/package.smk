@@ -31,7 +31,7 @@ rule pack:
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=20,
+        runtime=60,
     shell:
         "{params.cli} pack --encoder {input.encoder} --decoder {input.decoder} --prepared {params.prep}"
         " --quantization {wildcards.quant} --meta {params.meta:q} --out {output.model}"

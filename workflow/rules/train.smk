@@ -118,6 +118,8 @@ rule train_kd:
 
 # Training noise (config seeds): a dense reference trained again under seed + k, its own target.
 use rule train_xe as train_xe_seed with:
+    message:
+        "Training decoder {wildcards.dec} on encoder {wildcards.enc} features (cross-entropy, seed + {wildcards.k})"
     output:
         f"{WORK}/decoders/{{enc}}/{{dec}}/xe_seed{{k}}.safetensors",
     params:

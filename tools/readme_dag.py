@@ -38,16 +38,18 @@ def snakemake_rulegraph(config: Path) -> str:
 
 
 def canonical(mermaid: str) -> str:
-    """``mermaid`` with each node named after its rule and the lines sorted: one text per graph."""
+    """``mermaid`` with each node named after its rule and the lines sorted: one text per graph.
+
+    Snakemake's colours are dropped: they spread over every rule the workflow defines, so a rule
+    added without jobs in this config (e.g. the ``seeds`` rules) would recolour the whole graph.
+    """
     names = dict(re.findall(r"^\s*(id\d+)\[(\w+)\]\s*$", mermaid, re.M))
     if not names:
         raise ValueError(f"no rule nodes in snakemake's mermaid output:\n{mermaid[:500]}")
-    styles = re.findall(r"^\s*style (id\d+) (\S+)\s*$", mermaid, re.M)
     edges = re.findall(r"^\s*(id\d+) --> (id\d+)\s*$", mermaid, re.M)
     linked = {i for edge in edges for i in edge}
     lines = (sorted(n for i, n in names.items() if i not in linked)  # a rule with no edge is drawn too
-             + sorted(f"{names[a]} --> {names[b]}" for a, b in edges)
-             + sorted(f"style {names[i]} {s}" for i, s in styles))
+             + sorted(f"{names[a]} --> {names[b]}" for a, b in edges))
     return "flowchart TB\n" + "".join(f"    {line}\n" for line in lines)
 
 

@@ -32,6 +32,7 @@ class Captioner:
         self.max_length = max_length
         self.device = device
         self.quantization = "fp32"
+        self.source = "captioner"  # what error messages name: the artifact's path once loaded from one
         # the weights as stored (fp32 view), kept when the runtime modules hold packed int8 instead
         self.stored: dict[str, dict[str, torch.Tensor]] | None = None
 
@@ -55,7 +56,14 @@ class Captioner:
         from .models.search import beam_search
 
         fc, att = self.encoder(images.to(self.device))
-        seq = beam_search(self.decoder, fc, att, beam_size=beam_size, max_length=self.max_length)
+        try:
+            seq = beam_search(self.decoder, fc, att, beam_size=beam_size, max_length=self.max_length)
+        except RuntimeError as e:
+            # dynamic int8 cannot quantize an activation that overflowed float32: the weights are out of range
+            if self.quantization != "int8" or "ChooseQuantizationParams" not in str(e):
+                raise
+            raise UserError(f"{self.source}: the model's activations overflow float32, so int8 cannot run it "
+                            "(weights out of any trained range)") from None
         return [decode(self.itow, s) for s in seq.tolist()]
 
     def caption_files(self, paths, beam_size: int = 3, batch_size: int = 16) -> list[str]:
@@ -71,12 +79,7 @@ def _build(encoder_config: dict, decoder_config: dict, groups, itow, max_length:
 
     Shared by ``load_captioner`` and ``quantize_captioner`` so both give the same model.
     """
-    try:
-        encoder = create_encoder(encoder_config["timm_name"], img_size=encoder_config["img_size"],
-                                 mean=encoder_config["mean"], std=encoder_config["std"])
-        decoder = create_decoder(**decoder_config)
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{source}: model config is incomplete ({type(e).__name__}: {e})") from None
+    encoder, decoder = _modules(encoder_config, decoder_config, source)
     for group, module in (("encoder", encoder), ("decoder", decoder)):
         try:
             module.load_state_dict(groups[group])
@@ -86,7 +89,10 @@ def _build(encoder_config: dict, decoder_config: dict, groups, itow, max_length:
     if mode == "int8":
         device = "cpu"  # dynamic int8 kernels exist on CPU only
     cap = Captioner(encoder, decoder, itow, max_length, device)
-    apply_runtime(cap, mode)
+    try:
+        apply_runtime(cap, mode)
+    except RuntimeError as e:  # torch's int8 observers refuse weights whose range overflows float32
+        raise UserError(f"{source}: weights cannot run as {mode} ({str(e).strip().splitlines()[0]})") from None
     cap.quantization = mode
     if mode == "int8":
         cap.stored = groups
@@ -102,12 +108,16 @@ def quantize_captioner(captioner: Captioner, mode: str) -> Captioner:
                   captioner.max_length, mode, captioner.device, "captioner")
 
 
+MAX_CAPTION_LENGTH = 1000  # words; COCO captions are cut at 16
+
+
 def _max_length(value, where: str, key: str) -> int:
-    """A caption length limit (given, or read from a file): an integer >= 1, else a one-line UserError."""
+    """A caption length limit (given, or read from a file): an integer in [1, MAX_CAPTION_LENGTH],
+    else a one-line UserError."""
     if value is None:
         raise UserError(f"{where}: no '{key}' (the caption length limit)")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"{where}: '{key}' must be an integer >= 1, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_CAPTION_LENGTH:
+        raise UserError(f"{where}: '{key}' must be an integer >= 1 and <= {MAX_CAPTION_LENGTH}, got {value!r}")
     return value
 
 
@@ -152,18 +162,72 @@ def load_captioner(path: str | Path, device: str = "cpu") -> Captioner:
 
     ``device`` "auto" means CUDA when present. An int8 artifact runs on CPU whatever ``device``
     says (dynamic int8 is CPU-only).
+
+    The artifact may come from a stranger: its configs are checked against bounds and its model is
+    first built on the meta device (no memory) and compared with the stored tensors, so a config
+    that asks for more than the file holds fails with one line before anything is allocated.
     """
     device = pick_device(device)
     config, groups = artifact.read(path)
-    try:
-        encoder_config, decoder_config = config["encoder"], config["decoder"]
-        itow = {int(k): v for k, v in config["vocab"].items()}
-        mode = config.get("runtime", {}).get("quantization", "fp32")
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise UserError(f"{path}: artifact config is incomplete or malformed ({type(e).__name__}: {e})") from None
-    max_length = _max_length(config.get("max_len"), str(path), "max_len")
-    if mode not in QUANT_MODES:
-        raise UserError(f"{path}: unknown quantization '{mode}' (known: {', '.join(QUANT_MODES)})")
-    cap = _build(encoder_config, decoder_config, groups, itow, max_length, mode, device, str(path))
-    cap.config = config
+    where = str(path)
+    encoder_config, decoder_config = config.get("encoder"), config.get("decoder")
+    if not isinstance(encoder_config, dict) or not isinstance(decoder_config, dict):
+        raise UserError(f"{where}: artifact config is incomplete or malformed (needs 'encoder' and 'decoder' objects)")
+    runtime = config.get("runtime", {})
+    mode = runtime.get("quantization", "fp32") if isinstance(runtime, dict) else None
+    if not isinstance(mode, str) or mode not in QUANT_MODES:
+        raise UserError(f"{where}: unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
+    max_length = _max_length(config.get("max_len"), where, "max_len")
+    _check_fits(encoder_config, decoder_config, groups, where)
+    itow = _vocabulary(config.get("vocab"), decoder_config["vocab_size"], where)
+    cap = _build(encoder_config, decoder_config, groups, itow, max_length, mode, device, where)
+    cap.config, cap.source = config, where
     return cap
+
+
+def _vocabulary(vocab, vocab_size: int, where: str) -> dict[int, str]:
+    """index -> word of an artifact: exactly the words 1..vocab_size the decoder can emit, as strings."""
+    if not isinstance(vocab, dict):
+        raise UserError(f"{where}: artifact config is incomplete or malformed (no 'vocab' object)")
+    try:
+        itow = {int(k): v for k, v in vocab.items()}
+    except ValueError:
+        raise UserError(f"{where}: vocab keys must be word indices (integers)") from None
+    if set(itow) != set(range(1, vocab_size + 1)) or not all(isinstance(w, str) for w in itow.values()):
+        raise UserError(f"{where}: vocab must map each index 1..{vocab_size} (the decoder's words) to a string")
+    return itow
+
+
+def _check_fits(encoder_config: dict, decoder_config: dict, groups, where: str) -> None:
+    """UserError unless the configs describe exactly the stored tensors (names and shapes).
+
+    The model is built on the meta device, so even a config asking for billions of weights costs
+    nothing here; the real model is built only once it is known to be as large as the file's tensors.
+    """
+    with torch.device("meta"):
+        encoder, decoder = _modules(encoder_config, decoder_config, where)
+    if decoder.config["feat_dim"] != encoder.feat_dim:
+        raise UserError(f"{where}: decoder feat_dim {decoder.config['feat_dim']} does not match the encoder's "
+                        f"{encoder.feat_dim} features")
+    if set(groups) != {"encoder", "decoder"}:
+        raise UserError(f"{where}: artifact holds tensor groups {sorted(groups)}, not encoder and decoder")
+    for group, module in (("encoder", encoder), ("decoder", decoder)):
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in groups[group].items()}
+        if want != have:
+            diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+            raise UserError(f"{where}: {group} weights do not match its config "
+                            f"({len(diff)} tensors differ, e.g. {diff[0]})")
+
+
+def _modules(encoder_config: dict, decoder_config: dict, where: str):
+    """(encoder, decoder) built from their configs, on whatever device is current."""
+    try:
+        encoder = create_encoder(encoder_config["timm_name"], img_size=encoder_config["img_size"],
+                                 mean=encoder_config["mean"], std=encoder_config["std"])
+        decoder = create_decoder(**decoder_config)
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{where}: model config is incomplete ({type(e).__name__}: {e})") from None
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return encoder, decoder

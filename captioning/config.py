@@ -20,10 +20,11 @@ def _allowed(schema: dict) -> str:
     t = schema.get("type")
     if t:
         parts.append(" or ".join(t) if isinstance(t, list) else t)
-    for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
-                      ("exclusiveMaximum", "<")):
-        if key in schema:
-            parts.append(f"{word} {schema[key]}")
+    bounds = [f"{word} {schema[key]}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                        ("maximum", "<="), ("exclusiveMaximum", "<"))
+              if key in schema]
+    if bounds:
+        parts.append(" and ".join(bounds))
     if "pattern" in schema:
         parts.append(f"matching {schema['pattern']}")
     return " ".join(parts) or "see workflow/schemas/config.schema.yaml"

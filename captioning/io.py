@@ -68,7 +68,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None =
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, dict]:
     """Load safetensors and its JSON metadata; never unpickles."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -77,6 +77,6 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict, di
         with safe_open(str(path), framework="pt", device=device) as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a bad header
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:  # a bad header, or metadata not JSON
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors, meta

@@ -65,6 +65,15 @@ def make_dataset(root, n_caps=(5, 5, 3, 5, 5, 1, 5, 5, 5, 5), ids=None, seed=0):
 TINY = dict(input_encoding_size=16, rnn_size=16, att_hid_size=8, drop_prob=0.1)
 
 
+def prune_smallest(module, zeros: float) -> None:
+    """Zero the smallest-magnitude fraction ``zeros`` of every weight (dim >= 2), in place."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 2:
+                cut = p.abs().flatten().kthvalue(max(1, int(zeros * p.numel()))).values
+                p[p.abs() <= cut] = 0
+
+
 def overfit(model, fc, att, seq, lr: float, steps: int) -> list[float]:
     """Adam on one batch with the training loss, ``steps`` times; the loss before each step."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -81,6 +90,19 @@ def overfit(model, fc, att, seq, lr: float, steps: int) -> list[float]:
 # ---- the tiny DAG of the workflow tests ------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """A script of ``benchmarks/`` (not a package module) as a module, registered in sys.modules
+    (dataclasses need that)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 
 TINY_DAG = {

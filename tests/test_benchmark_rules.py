@@ -1,25 +1,16 @@
 """benchmarks/rules.py on a made-up run: per-rule sums, the overhead ratio, untimed logs, efficiency."""
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
 from captioning.timing import TIMING_PREFIX
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
 
-def _rules():
-    """benchmarks/rules.py is a script, not a package module; dataclasses need it in sys.modules."""
-    spec = importlib.util.spec_from_file_location("bench_rules", ROOT / "benchmarks" / "rules.py")
-    module = sys.modules["bench_rules"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rules = _rules()
+rules = load_script("rules")
 
 
 def _job(run, rule, stem, wall, cpu, model=None):

@@ -10,20 +10,12 @@ from captioning.compress import artifact
 from captioning.compress.quantize import QUANT_MODES, roundtrip
 from captioning.errors import UserError
 from captioning.evaluation.evaluate import count_params
+from helpers import prune_smallest
 
 IMAGES = sorted((Path(__file__).parent / "data" / "coco5" / "train2014").glob("*.jpg"))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
-
-
-def _prune(module, zeros):
-    """Zero the smallest-magnitude fraction ``zeros`` of every weight (dim >= 2), in place."""
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.ndim >= 2:
-                cut = p.abs().flatten().kthvalue(max(1, int(zeros * p.numel()))).values
-                p[p.abs() <= cut] = 0
 
 
 def _captioner(zeros=0.0):
@@ -38,7 +30,7 @@ def _captioner(zeros=0.0):
         for p in dec.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
     if zeros:
-        _prune(enc, zeros), _prune(dec, zeros)
+        prune_smallest(enc, zeros), prune_smallest(dec, zeros)
     return Captioner(enc, dec, {i: f"w{i}" for i in range(1, 31)}, max_length=10)
 
 
@@ -159,10 +151,10 @@ def test_max_length_travels_with_the_artifact(tmp_path):
     artifact.pack(tmp_path / "old.capz", groups, {k: v for k, v in config.items() if k != "max_len"})
     with pytest.raises(UserError, match=r"^\S*old\.capz: no 'max_len' \(the caption length limit\)$"):
         load_captioner(tmp_path / "old.capz")
-    for bad in (0, "16", 2.5, True):
+    for bad in (0, "16", 2.5, True, 1001):
         artifact.pack(tmp_path / "bad.capz", groups, {**config, "max_len": bad})
         with pytest.raises(UserError, match=r"bad\.capz: 'max_len' must be an integer >= 1"):
             load_captioner(tmp_path / "bad.capz")
-    with pytest.raises(UserError, match="'max_length' must be an integer >= 1, got 0"):
+    with pytest.raises(UserError, match="'max_length' must be an integer >= 1 and <= 1000, got 0"):
         pack_model(tmp_path / "zero.capz", cap.encoder, cap.decoder, cap.itow, max_length=0)
     assert not (tmp_path / "zero.capz").exists()

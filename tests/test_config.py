@@ -27,6 +27,9 @@ def test_wrong_type_names_the_key_and_what_is_allowed():
     c = _config()
     c["seeds"] = 0
     assert schema_problems(c, SCHEMA) == ["seeds: 0 is not allowed (allowed: integer >= 1)"]
+    c = _config()
+    c["encoders"]["r50"]["img_size"] = 4096
+    assert schema_problems(c, SCHEMA) == ["encoders.r50.img_size: 4096 is not allowed (allowed: integer >= 32 and <= 2048)"]
 
 
 def test_enum_and_unknown_key():

@@ -12,11 +12,13 @@ eps, so an all-zero row decodes to zeros, never NaN) and ``q = round(x / scale)`
 ``quant_min=-127`` (see ``quantize.apply_runtime``), so re-quantizing a decoded weight for
 int8 compute gives back the same integers and the stored and computed weights agree.
 
-``ENCODINGS`` is the registry the artifact reader and writer look encodings up in.
+``ENCODINGS`` is the registry the artifact reader and writer look encodings up in. Each entry also
+gives its ``layout``: the chunks (dtype, shape) a tensor of a given shape must have, so the reader
+checks a stranger's file against it before it decodes anything.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +28,18 @@ EPS = float(torch.finfo(torch.float32).eps)  # smallest scale, as torch's observ
 
 # ---------------------------------------------------------------- the registry, and raw storage
 # encode(tensor) -> (params, {chunk: ndarray});  decode(params, chunks, shape, dtype) -> tensor
+# layout(shape, dtype, nnz) -> {chunk: (numpy dtype str, chunk shape)}, or None when ``dtype`` cannot be
+# stored this way; ``nnz`` is the number of set mask bits (sparse encodings only, else None)
+
+# entry dtype -> numpy dtype of its raw bytes: the dtypes a state dict holds, and nothing else
+RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "int64": "<i8", "int32": "<i4",
+              "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1"}
+
+
+class Encoding(NamedTuple):
+    encode: Callable
+    decode: Callable
+    layout: Callable
 
 
 def _enc_raw(t: torch.Tensor):
@@ -36,11 +50,15 @@ def _dec_raw(params, chunks, shape, dtype):
     return torch.from_numpy(chunks["data"].reshape(shape).copy())
 
 
-ENCODINGS: dict[str, tuple[Callable, Callable]] = {"raw": (_enc_raw, _dec_raw)}
+def _layout_raw(shape, dtype, nnz):
+    return {"data": (RAW_DTYPES[dtype], tuple(shape))} if dtype in RAW_DTYPES else None
 
 
-def register_encoding(name: str, encode: Callable, decode: Callable) -> None:
-    ENCODINGS[name] = (encode, decode)
+ENCODINGS: dict[str, Encoding] = {"raw": Encoding(_enc_raw, _dec_raw, _layout_raw)}
+
+
+def register_encoding(name: str, encode: Callable, decode: Callable, layout: Callable) -> None:
+    ENCODINGS[name] = Encoding(encode, decode, layout)
 
 
 # ---------------------------------------------------------------- int8 per row
@@ -77,6 +95,10 @@ def _dec_fp16(params, chunks, shape, dtype):
     return torch.from_numpy(chunks["data"].astype(np.float32)).reshape(shape)
 
 
+def _layout_fp16(shape, dtype, nnz):
+    return {"data": ("<f2", tuple(shape))} if dtype == "float32" else None
+
+
 def _enc_int8_row(t):
     q, scale = quantize_rows(t)
     return {}, {"values": q.numpy(), "scales": scale.numpy()}
@@ -87,12 +109,22 @@ def _dec_int8_row(params, chunks, shape, dtype):
     return dequantize_rows(q, torch.from_numpy(chunks["scales"].copy()), shape)
 
 
+def _layout_int8_row(shape, dtype, nnz):
+    rows, cols = row_shape(shape)
+    return {"values": ("|i1", (rows, cols)), "scales": ("<f4", (rows,))} if dtype == "float32" else None
+
+
 # ---------------------------------------------------------------- sparse encodings
 # chunks: "mask" (packed bits of flat != 0) + "values" (the nonzeros, flat order) [+ "scales"]
 
 
 def _mask(t: torch.Tensor) -> np.ndarray:
     return (t.detach().reshape(-1) != 0).numpy()
+
+
+def mask_bytes(shape) -> int:
+    """Length of the packed mask of a tensor of ``shape``: one bit per element, rounded up to bytes."""
+    return (int(np.prod(shape, dtype=np.int64)) + 7) // 8
 
 
 def _unmask(chunks, shape) -> np.ndarray:
@@ -107,6 +139,8 @@ def _scatter(keep: np.ndarray, values: np.ndarray, shape) -> torch.Tensor:
 
 
 def _sparse(store_dtype):
+    value_dtype = np.dtype(store_dtype).str
+
     def encode(t):
         keep = _mask(t)
         values = t.detach().float().reshape(-1).numpy()[keep].astype(store_dtype)
@@ -115,7 +149,11 @@ def _sparse(store_dtype):
     def decode(params, chunks, shape, dtype):
         return _scatter(_unmask(chunks, shape), chunks["values"].astype(np.float32), shape)
 
-    return encode, decode
+    def layout(shape, dtype, nnz):
+        return ({"mask": ("|u1", (mask_bytes(shape),)), "values": (value_dtype, (nnz,))}
+                if dtype == "float32" else None)
+
+    return encode, decode, layout
 
 
 def _enc_sparse_int8(t):
@@ -132,11 +170,17 @@ def _dec_sparse_int8(params, chunks, shape, dtype):
     return dequantize_rows(torch.from_numpy(q), scales, shape)
 
 
-register_encoding("fp16", _enc_fp16, _dec_fp16)
-register_encoding("int8_row", _enc_int8_row, _dec_int8_row)
+def _layout_sparse_int8(shape, dtype, nnz):
+    if dtype != "float32":
+        return None
+    return {"mask": ("|u1", (mask_bytes(shape),)), "values": ("|i1", (nnz,)), "scales": ("<f4", (row_shape(shape)[0],))}
+
+
+register_encoding("fp16", _enc_fp16, _dec_fp16, _layout_fp16)
+register_encoding("int8_row", _enc_int8_row, _dec_int8_row, _layout_int8_row)
 register_encoding("sparse_raw", *_sparse(np.float32))
 register_encoding("sparse_fp16", *_sparse(np.float16))
-register_encoding("sparse_int8", _enc_sparse_int8, _dec_sparse_int8)
+register_encoding("sparse_int8", _enc_sparse_int8, _dec_sparse_int8, _layout_sparse_int8)
 
 # bits per stored value, and whether the encoding keeps one float32 scale per row
 VALUE_BITS = {"fp16": 16, "int8_row": 8, "sparse_raw": 32, "sparse_fp16": 16, "sparse_int8": 8}

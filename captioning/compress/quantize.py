@@ -83,9 +83,9 @@ def roundtrip(groups: dict[str, dict[str, torch.Tensor]], mode: str) -> dict[str
         for name, t in state.items():
             t = t.detach().cpu()
             enc = encoding_for(mode, group, name, t)
-            encode, decode = artifact.ENCODINGS[enc]
-            params, chunks = encode(t)
-            out[group][name] = decode(params, chunks, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            encoding = artifact.ENCODINGS[enc]
+            params, chunks = encoding.encode(t)
+            out[group][name] = encoding.decode(params, chunks, tuple(t.shape), str(t.dtype).removeprefix("torch."))
     return out
 
 

@@ -22,6 +22,7 @@ offline_hub()  # before timm touches the hub: fail fast offline instead of retry
 import timm  # noqa: E402 (at import, not inside a timed model step: it costs seconds)
 
 FILE_KIND = "captioning.encoder"
+MAX_IMG_SIZE = 2048  # pixels a side: past it one image's activations alone outgrow a phone
 
 
 class FeatureEncoder(nn.Module):
@@ -64,8 +65,8 @@ def create_encoder(timm_name: str, img_size: int = 128, mean=None, std=None, see
 
     if not isinstance(timm_name, str) or not timm.is_model(timm_name):
         raise UserError(f"unknown encoder '{timm_name}' (not a timm model)")
-    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 8:
-        raise UserError(f"encoder img_size must be an integer >= 8, got {img_size!r}")
+    if not isinstance(img_size, int) or isinstance(img_size, bool) or not 8 <= img_size <= MAX_IMG_SIZE:
+        raise UserError(f"encoder img_size must be an integer in [8, {MAX_IMG_SIZE}], got {img_size!r}")
     cfg = timm.get_pretrained_cfg(timm_name)
     cfg = cfg.to_dict() if cfg is not None else {}
     mean = tuple(mean) if mean is not None else tuple(cfg.get("mean") or IMAGENET_MEAN)

@@ -7,7 +7,9 @@ only through ``torch.load(weights_only=True)``, which refuses anything but tenso
 from __future__ import annotations
 
 import importlib
+import pickle  # only for its exception type: nothing here unpickles
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -66,6 +68,12 @@ def lite_state_dict(variant: str = "efficientnet-lite0") -> dict:
     return out
 
 
+# What torch's weights-only loader raises for a damaged or foreign file (seen by mutating real files);
+# a MemoryError is not among them, so running out of memory keeps its traceback.
+_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError,
+                      TypeError, AssertionError, struct.error)
+
+
 def read_state_dict(path: str | Path) -> dict:
     """Tensors from a local ``.safetensors`` or ``.pth``/``.pt`` file, unwrapping a ``state_dict``/``model`` key."""
     path = Path(path)
@@ -76,9 +84,8 @@ def read_state_dict(path: str | Path) -> dict:
     elif path.suffix in (".pth", ".pt", ".bin"):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # never retried unsafely
-            # weights_only refusing a file raises UnpicklingError (matched by name, not imported)
-            if type(e).__name__ == "UnpicklingError":
+        except _TORCH_LOAD_ERRORS as e:  # never retried unsafely
+            if isinstance(e, pickle.UnpicklingError):  # weights_only refused the file
                 why = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
                 if why:
                     raise UserError(f"{path}: refused, loading it would unpickle arbitrary objects "

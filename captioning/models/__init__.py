@@ -44,14 +44,14 @@ def read_decoder_meta(path: str | os.PathLike) -> dict:
     import json
     from pathlib import Path
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise UserError(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    except Exception as e:  # safetensors raises several types for a bad header
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:  # a bad header, or metadata not JSON
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 

@@ -121,6 +121,7 @@ class AoADecoderCore(nn.Module):
 
 @register_decoder("aoanet")
 class AoANet(CaptionDecoder):
+    config_class = AoANetConfig  # create_decoder checks each setting against its field's type and bounds
     config_keys = tuple(f.name for f in fields(AoANetConfig) if f.name not in ("vocab_size", "feat_dim"))
 
     def __init__(self, vocab_size: int = 9487, feat_dim: int = 2048, **kwargs):

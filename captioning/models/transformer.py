@@ -136,6 +136,7 @@ class DecoderLayer(nn.Module):
 
 @register_decoder("transformer")
 class Transformer(CaptionDecoder):
+    config_class = TransformerConfig  # create_decoder checks each setting against its field's type and bounds
     config_keys = tuple(f.name for f in fields(TransformerConfig) if f.name not in ("vocab_size", "feat_dim"))
 
     def __init__(self, vocab_size: int = 9487, feat_dim: int = 2048, **kwargs):

@@ -79,6 +79,7 @@ class UpDownCore(nn.Module):
 
 @register_decoder("updown")
 class UpDown(CaptionDecoder):
+    config_class = UpDownConfig  # create_decoder checks each setting against its field's type and bounds
     config_keys = tuple(f.name for f in fields(UpDownConfig) if f.name not in ("vocab_size", "feat_dim"))
 
     def __init__(self, vocab_size: int = 9487, feat_dim: int = 2048, **kwargs):

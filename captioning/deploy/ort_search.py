@@ -1,0 +1,142 @@
+"""Captioning with ONNX Runtime: the exported graphs driven by numpy greedy and beam search.
+
+``greedy`` and ``beam_search`` are ``captioning.models.search``'s, line for line, on numpy arrays:
+same float32 score sums, same end-token rules, same early stop, same stable merge of finished
+hypotheses. One difference cannot be copied: which of two exactly equal scores ``torch.topk`` puts
+first is unspecified (on CPU it depends on the tensor's size), so here the lower index wins. With
+real weights, different words almost never get exactly equal float32 scores, so the captions match
+the torch path's.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Arrays = tuple[np.ndarray, ...]
+Step = Callable[[np.ndarray, Arrays, Arrays], tuple[np.ndarray, Arrays]]
+
+
+def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest values of each row of ``x`` [B, n] and their indices, best first; ties: lower index first."""
+    n = x.shape[1]
+    ix = np.empty((x.shape[0], k), dtype=np.int64)
+    for b, row in enumerate(x):
+        cand = np.flatnonzero(row >= np.partition(row, n - k)[n - k])  # every tie at the k-th value, ascending
+        ix[b] = cand[np.argsort(-row[cand], kind="stable")[:k]]
+    return np.take_along_axis(x, ix, 1), ix
+
+
+def greedy(step: Step, ctx: Arrays, state: Arrays, max_length: int) -> np.ndarray:
+    """The arg-max word at every step; captions [B, max_length], 0-padded after the end token."""
+    B = ctx[0].shape[0]
+    tokens = np.zeros(B, dtype=np.int64)
+    seq = np.zeros((B, max_length), dtype=np.int64)
+    alive = np.ones(B, dtype=bool)
+    for t in range(max_length):
+        logprobs, state = step(tokens, state, ctx)
+        tokens = logprobs.argmax(1) * alive  # first maximum: topk(1)'s order, see the module docstring
+        seq[:, t] = tokens
+        alive &= tokens != 0
+        if not alive.any():
+            break
+    return seq
+
+
+def beam_search(step: Step, ctx: Arrays, state: Arrays, beam_size: int, max_length: int) -> np.ndarray:
+    """The best finished caption per image [B, max_length]; ``ctx`` and ``state`` hold one row per image.
+
+    As ``captioning.models.search.beam_search``: summed log-probabilities, no length penalty, a beam
+    that emits the end token finishes, the survivors finish at ``max_length``, and the search stops
+    once no live beam can beat the finished ones.
+    """
+    B, K = ctx[0].shape[0], beam_size
+    ctx = tuple(np.repeat(c, K, axis=0) for c in ctx)      # row i -> rows i*K .. i*K+K-1
+    state = tuple(np.repeat(s, K, axis=0) for s in state)  # the decoder's init_state is per row
+    tokens = np.zeros(B * K, dtype=np.int64)
+    neg_inf = np.float32(-np.inf)
+
+    live_seq = np.zeros((B, K, max_length), dtype=np.int64)
+    live_score = np.full((B, K), neg_inf, dtype=np.float32)
+    live_score[:, 0] = 0.0                                   # all K beams start identical: keep one
+    done_seq = np.zeros((B, K, max_length), dtype=np.int64)
+    done_score = np.full((B, K), neg_inf, dtype=np.float32)
+    rows = np.arange(B)[:, None]
+
+    for t in range(max_length):
+        logprobs, state = step(tokens, state, ctx)
+        V1 = logprobs.shape[1]
+        cand = (live_score[:, :, None] + logprobs.astype(np.float32).reshape(B, K, V1)).reshape(B, K * V1)
+        score, ix = topk(cand, K)
+        beam, word = ix // V1, ix % V1
+
+        live_seq = live_seq[rows, beam]
+        live_seq[:, :, t] = word
+        state = tuple(s[(beam + rows * K).reshape(-1)] for s in state)
+
+        ended = word == 0 if t < max_length - 1 else np.ones_like(word, dtype=bool)
+        merged = np.concatenate([done_score, np.where(ended, score, neg_inf)], 1)
+        order = np.argsort(-merged, axis=1, kind="stable")[:, :K]  # descending, ties keep their order
+        done_score = np.take_along_axis(merged, order, 1)
+        done_seq = np.concatenate([done_seq, live_seq], 1)[rows, order]
+
+        live_score = np.where(ended, neg_inf, score)
+        if (live_score.max(1) <= done_score[:, -1]).all():
+            break
+        tokens = word.reshape(-1)
+    return done_seq[:, 0]
+
+
+class OrtCaptioner:
+    """A captioner on ONNX Runtime: images in, caption strings out, no torch at run time.
+
+    ``graphs`` holds the three ONNX models of ``captioning.deploy.onnx_export`` ("encoder",
+    "init", "step") as bytes or file paths. One thread by default, as the project measures latency.
+    """
+
+    def __init__(self, graphs: dict, itow: dict[int, str], max_length: int, threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
+        self.sessions = {k: ort.InferenceSession(graphs[k], options, providers=["CPUExecutionProvider"])
+                         for k in ("encoder", "init", "step")}
+        self.itow, self.max_length = itow, max_length
+        self.n_ctx = sum(o.name.startswith("ctx_") for o in self.sessions["init"].get_outputs())
+
+    @classmethod
+    def from_captioner(cls, captioner, threads: int = 1) -> "OrtCaptioner":
+        """Export a float torch ``Captioner`` in memory and load its graphs."""
+        from .onnx_export import export_captioner
+
+        return cls(export_captioner(captioner), captioner.itow, captioner.max_length, threads)
+
+    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        session = self.sessions[name]  # a graph drops inputs it does not use (the Transformer ignores fc)
+        return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+
+    def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Images [B, 3, S, S] (numpy or torch, normalised as the encoder expects) -> (fc, att)."""
+        images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+        fc, att = self._run("encoder", {"images": images})
+        return fc, att
+
+    def start(self, fc: np.ndarray, att: np.ndarray) -> tuple[Arrays, Arrays]:
+        """(ctx, state) before the first word, one row per image."""
+        out = self._run("init", {"fc": fc, "att": att})
+        return tuple(out[:self.n_ctx]), tuple(out[self.n_ctx:])
+
+    def step(self, tokens: np.ndarray, state: Arrays, ctx: Arrays) -> tuple[np.ndarray, Arrays]:
+        """One decoder step: tokens [B] int64 -> (logprobs [B, V+1], new state)."""
+        feeds = {"tokens": tokens, **{f"state_{i}": s for i, s in enumerate(state)},
+                 **{f"ctx_{i}": c for i, c in enumerate(ctx)}}
+        logprobs, *state = self._run("step", feeds)
+        return logprobs, tuple(state)
+
+    def caption_images(self, images, beam_size: int = 3) -> list[str]:
+        """Captions as ``Captioner.caption_images`` gives them (beam search; beam 1 is greedy)."""
+        from ..data.prepare import decode
+
+        ctx, state = self.start(*self.encode(images))
+        seq = beam_search(self.step, ctx, state, beam_size, self.max_length)
+        return [decode(self.itow, s) for s in seq.tolist()]

@@ -1,0 +1,132 @@
+"""ONNX export and ONNX Runtime captioning give the torch path's captions, in fp32, for every family."""
+import numpy as np
+import pytest
+import torch
+from helpers import prune_smallest
+from small_decoders import SMALL
+
+from captioning.captioner import Captioner
+from captioning.deploy.onnx_export import names
+from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, topk
+from captioning.encoders import create_encoder
+from captioning.models import create_decoder
+from captioning.models import search as torch_search
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
+
+IMG, MAX_LEN, WORDS = 64, 12, 20  # 64 px: test_efficientnet gives 2×2 regions, so attention has a choice
+
+
+def _captioner(family, zeros):
+    enc = create_encoder("test_efficientnet", img_size=IMG)
+    # dropout on: the graphs must hold the eval-mode model, and exporting must leave the captioner in eval mode
+    dec = create_decoder(family, vocab_size=WORDS, feat_dim=enc.feat_dim, **{**SMALL[family].config,
+                                                                            **SMALL[family].dropout})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in enc.parameters():  # random timm init gives features ~1e-3: grow them to ~1
+            if p.ndim > 1:
+                p.mul_(1.4)
+        for p in dec.parameters():  # larger than the default init, so captions depend on the image
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
+    if zeros:
+        prune_smallest(enc, zeros), prune_smallest(dec, zeros)
+    return Captioner(enc, dec, {i: f"w{i}" for i in range(1, WORDS + 1)}, max_length=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.65], ids=["dense", "pruned"])
+@pytest.mark.parametrize("family", ["updown", "aoanet", "transformer"])
+def test_onnx_runtime_captions_equal_torch(family, zeros, images):
+    cap = _captioner(family, zeros)
+    ort_cap = OrtCaptioner.from_captioner(cap)
+    assert not cap.encoder.training and not cap.decoder.training
+    with torch.no_grad():
+        fc, att = cap.encoder(images)
+        ctx = cap.decoder.prepare(fc, att)
+        state = cap.decoder.init_state(ctx)
+    step = ort_cap.sessions["step"]
+    assert [i.name for i in step.get_inputs()] == ["tokens", *names("state", len(state)), *names("ctx", len(ctx))]
+    assert [o.name for o in step.get_outputs()] == ["logprobs", *names("new_state", len(state))]
+
+    ort_fc, ort_att = ort_cap.encode(images.numpy())
+    np.testing.assert_allclose(ort_fc, fc.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ort_att, att.numpy(), rtol=0, atol=1e-4)
+
+    # the same tokens through both decoders (torch's greedy caption), so every step is compared
+    with torch.no_grad():
+        seq = torch_search.greedy(cap.decoder, fc, att, MAX_LEN)
+    ort_ctx, ort_state = ort_cap.start(fc.numpy(), att.numpy())
+    assert np.array_equal(greedy(ort_cap.step, ort_ctx, ort_state, MAX_LEN), seq.numpy())
+    tokens, first = torch.zeros(len(images), dtype=torch.long), None
+    for t in range(MAX_LEN):
+        with torch.no_grad():
+            logprobs, state = cap.decoder.step(tokens, state, ctx)
+        ort_logprobs, ort_state = ort_cap.step(tokens.numpy(), ort_state, ort_ctx)
+        np.testing.assert_allclose(ort_logprobs, logprobs.numpy(), rtol=0, atol=1e-4)
+        first = logprobs if first is None else first
+        tokens = seq[:, t]
+    assert (first.max(0).values - first.min(0).values).max() > 0.01  # the words depend on the image
+
+    for beam in (1, 3):
+        assert ort_cap.caption_images(images, beam) == cap.caption_images(images, beam)
+
+
+def test_onnx_runtime_takes_numpy_images_and_several_threads(images):
+    cap = _captioner("updown", 0.0)
+    assert OrtCaptioner.from_captioner(cap, threads=2).caption_images(images.numpy()) == cap.caption_images(images)
+
+
+class _Markov:
+    """A stand-in decoder: the next word depends on the last one and the image, and the end token
+    grows likelier at every step, so captions end at every length (random decoders end at once or never)."""
+
+    def __init__(self, seed: int, words: int = 9):
+        self.table = torch.randn(words + 1, words + 1, generator=torch.Generator().manual_seed(seed)) * 2
+
+    def prepare(self, fc, att):
+        return (fc[:, :self.table.shape[1]] + att.mean(1)[:, :self.table.shape[1]],)
+
+    def init_state(self, ctx):
+        return (torch.zeros(ctx[0].shape[0]),)
+
+    def step(self, tokens, state, ctx):
+        logits = self.table[tokens] + ctx[0]
+        logits[:, 0] += state[0] - 4  # the end token: unlikely at first, likely after a few words
+        return torch.log_softmax(logits, 1), (state[0] + 1,)
+
+
+def _numpy_step(decoder):
+    """A torch decoder's step on numpy arrays: the search logic alone, without ONNX."""
+    def step(tokens, state, ctx):
+        logprobs, state = decoder.step(torch.from_numpy(tokens), tuple(map(torch.from_numpy, state)),
+                                       tuple(map(torch.from_numpy, ctx)))
+        return logprobs.numpy(), tuple(s.numpy() for s in state)
+    return step
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_numpy_search_equals_torch_search(seed):
+    g = torch.Generator().manual_seed(seed)
+    fc, att = torch.randn(16, 12, generator=g), torch.randn(16, 3, 12, generator=g)
+    dec, max_len = _Markov(seed), 8
+    ctx = dec.prepare(fc, att)
+    ctx_np, state_np = tuple(c.numpy() for c in ctx), tuple(s.numpy() for s in dec.init_state(ctx))
+    first = greedy(_numpy_step(dec), ctx_np, state_np, max_len)
+    assert np.array_equal(first, torch_search.greedy(dec, fc, att, max_len).numpy())
+    lengths = set((first != 0).sum(1).tolist())
+    for beam in (1, 2, 3, 5):
+        want = torch_search.beam_search(dec, fc, att, beam, max_len).numpy()
+        assert np.array_equal(beam_search(_numpy_step(dec), ctx_np, state_np, beam, max_len), want), beam
+        lengths |= set((want != 0).sum(1).tolist())
+        assert (beam == 1) == np.array_equal(want, first)  # beam 1 is greedy; wider beams find other captions
+    assert len(lengths) >= 3 and max_len in lengths  # captions of several lengths, some cut at max_length
+
+
+def test_topk_breaks_ties_by_lower_index():
+    scores, ix = topk(np.array([[0.0, 1.0, 1.0, -np.inf, 1.0]], dtype=np.float32), 2)
+    assert ix.tolist() == [[1, 2]] and scores.tolist() == [[1.0, 1.0]]

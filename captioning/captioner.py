@@ -16,7 +16,7 @@ import torch
 
 from .compress import artifact
 from .compress.quantize import QUANT_MODES, apply_runtime, check_mode, encoding_for, roundtrip
-from .data.images import load_tensor
+from .data.images import encoder_images
 from .encoders import create_encoder, load_encoder
 from .errors import UserError
 from .models import create_decoder, load_decoder
@@ -46,9 +46,15 @@ class Captioner:
             return self.stored
         return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
 
+    runtime = "torch"
+
     def images(self, paths) -> torch.Tensor:
-        e = self.encoder
-        return torch.stack([load_tensor(p, e.img_size, e.mean, e.std) for p in paths])
+        return encoder_images(self.encoder, paths)
+
+    def cpu(self) -> Captioner:
+        """This captioner on CPU (where latency is measured)."""
+        self.encoder, self.decoder, self.device = self.encoder.cpu(), self.decoder.cpu(), "cpu"
+        return self
 
     @torch.no_grad()
     def caption_images(self, images: torch.Tensor, beam_size: int = 3) -> list[str]:
@@ -121,26 +127,63 @@ def _max_length(value, where: str, key: str) -> int:
     return value
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def check_runtime(runtime: str, mode: str) -> str:
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and mode == "fp16":
+        raise UserError("fp16 does not run on ONNX Runtime's CPU kernels: use fp32 or int8 there")
+    return runtime
+
+
 def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
-               extra: dict | None = None, quantization: str = "fp32") -> int:
+               extra: dict | None = None, quantization: str = "fp32", runtime: str = "torch",
+               calibration: torch.Tensor | None = None) -> int:
     """Write encoder + decoder + vocabulary + caption length limit as one artifact, tensors stored
-    per ``quantization`` (see ``compress.quantize``); returns its size in bytes."""
+    per ``quantization`` (see ``compress.quantize``); returns its size in bytes.
+
+    ``runtime`` is the engine the artifact runs on by default. The stored tensors are the same for
+    both: an ONNX Runtime artifact is rebuilt into ONNX graphs at load, which keeps the file as small
+    as a torch one. For int8 on ONNX Runtime the encoder's activations are quantized statically, so
+    their ranges, calibrated here on ``calibration`` images (as ``encoder_images`` gives them), are
+    stored in the config (``runtime.encoder_ranges``).
+    """
     mode, max_length = check_mode(quantization), _max_length(max_length, str(out), "max_length")
+    check_runtime(runtime, mode)
+    groups = {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
+    rt = {"quantization": mode, "engine": runtime}
+    if (runtime, mode) == ("onnxruntime", "int8"):
+        if calibration is None or len(calibration) == 0:
+            raise UserError(f"{out}: int8 on ONNX Runtime needs calibration images (--calibration-images)")
+        rt["encoder_ranges"] = _encoder_ranges(encoder, roundtrip(groups, mode)["encoder"], calibration)
     config = {"encoder": encoder.config(), "decoder": decoder.config,
               "vocab": {str(k): v for k, v in itow.items()}, "max_len": max_length,
-              **(extra or {}), "runtime": {"quantization": mode}}
-    groups = {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
+              **(extra or {}), "runtime": rt}
     return artifact.pack(out, groups, config, lambda g, n, t: encoding_for(mode, g, n, t))
+
+
+def _encoder_ranges(encoder, stored: dict[str, torch.Tensor], images: torch.Tensor) -> dict:
+    """The activation ranges of the encoder as it will run (its weights as the artifact stores them)."""
+    from .deploy.onnx_export import export_encoder
+    from .deploy.ort_quantize import encoder_ranges
+
+    c = encoder.config()
+    as_stored = create_encoder(c["timm_name"], img_size=c["img_size"], mean=c["mean"], std=c["std"])
+    as_stored.load_state_dict(stored)
+    return encoder_ranges(export_encoder(as_stored.eval()), images.numpy())
 
 
 @model_work
 def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: str = "fp32",
-                 meta: dict | None = None) -> tuple[int, dict]:
+                 meta: dict | None = None, runtime: str = "torch", calibration_images: int = 0) -> tuple[int, dict]:
     """Pack an encoder file and a decoder file with the prepared dataset's vocabulary and
     ``max_length`` into the artifact ``out``; returns (its size in bytes, its storage record).
 
     The artifact's config also holds ``variant`` (``meta``: what this variant is) and ``storage``:
     the decoder's measured sparsity and the theoretical storage floor for ``quantization``.
+    ``calibration_images``: the first that many training images calibrate an int8 ONNX Runtime encoder.
     """
     from .compress.prune import measured_sparsity
     from .compress.quantize import storage_floor_bytes
@@ -152,16 +195,23 @@ def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: st
     storage = {**measured_sparsity(decoder), "floor_bytes": storage_floor_bytes(groups, quantization)}
     itow, vocab_json = load_vocab(prepared_dir), Path(prepared_dir) / "vocab.json"
     max_length = _max_length(read_json(vocab_json).get("max_length"), str(vocab_json), "max_length")
+    calibration = None
+    if calibration_images > 0 and (runtime, quantization) == ("onnxruntime", "int8"):
+        from .data.prepare import split_images
+
+        calibration = encoder_images(encoder, split_images(prepared_dir, "train")[1][:calibration_images])
     size = pack_model(out, encoder, decoder, itow, max_length=max_length,
-                      extra={"variant": meta or {}, "storage": storage}, quantization=quantization)
+                      extra={"variant": meta or {}, "storage": storage}, quantization=quantization,
+                      runtime=runtime, calibration=calibration)
     return size, storage
 
 
-def load_captioner(path: str | Path, device: str = "cpu") -> Captioner:
+def load_captioner(path: str | Path, device: str = "cpu", runtime: str | None = None, threads: int = 1):
     """Rebuild a Captioner from an artifact alone: no dataset, config or network needed.
 
     ``device`` "auto" means CUDA when present. An int8 artifact runs on CPU whatever ``device``
-    says (dynamic int8 is CPU-only).
+    says (dynamic int8 is CPU-only). ``runtime`` (torch or onnxruntime) overrides the engine the
+    artifact was packed for; ONNX Runtime gets an ``OrtCaptioner`` on CPU with ``threads`` threads.
 
     The artifact may come from a stranger: its configs are checked against bounds and its model is
     first built on the meta device (no memory) and compared with the stored tensors, so a config
@@ -173,13 +223,23 @@ def load_captioner(path: str | Path, device: str = "cpu") -> Captioner:
     encoder_config, decoder_config = config.get("encoder"), config.get("decoder")
     if not isinstance(encoder_config, dict) or not isinstance(decoder_config, dict):
         raise UserError(f"{where}: artifact config is incomplete or malformed (needs 'encoder' and 'decoder' objects)")
-    runtime = config.get("runtime", {})
-    mode = runtime.get("quantization", "fp32") if isinstance(runtime, dict) else None
+    rt = config.get("runtime", {})
+    mode = rt.get("quantization", "fp32") if isinstance(rt, dict) else None
     if not isinstance(mode, str) or mode not in QUANT_MODES:
         raise UserError(f"{where}: unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
+    engine = runtime or rt.get("engine", "torch")
+    if not isinstance(engine, str) or engine not in RUNTIMES:
+        raise UserError(f"{where}: unknown runtime {engine!r} (known: {', '.join(RUNTIMES)})")
     max_length = _max_length(config.get("max_len"), where, "max_len")
     _check_fits(encoder_config, decoder_config, groups, where)
     itow = _vocabulary(config.get("vocab"), decoder_config["vocab_size"], where)
+    if engine == "onnxruntime":
+        from .deploy.ort_search import OrtCaptioner
+
+        # the stored weights in float: the ONNX graphs are exported from them, then quantized there
+        cap = _build(encoder_config, decoder_config, groups, itow, max_length, "fp32", "cpu", where)
+        cap.config, cap.source = config, where
+        return OrtCaptioner.from_artifact(cap, mode, rt.get("encoder_ranges"), threads)
     cap = _build(encoder_config, decoder_config, groups, itow, max_length, mode, device, where)
     cap.config, cap.source = config, where
     return cap

@@ -83,7 +83,8 @@ def cmd_pack(a):
     from .captioner import pack_variant
     from .evaluation.evaluate import caption_artifact
 
-    size, storage = pack_variant(a.out, a.encoder, a.decoder, a.prepared, a.quantization, a.meta)
+    size, storage = pack_variant(a.out, a.encoder, a.decoder, a.prepared, a.quantization, a.meta,
+                                 runtime=a.runtime, calibration_images=a.calibration_images)
     print(f"{a.out}: {size / 1e6:.2f} MB (floor {storage['floor_bytes'] / 1e6:.2f} MB)")
     if a.caption_dir:  # in the same process: one start-up for packing and captioning
         caption_artifact(a.out, a.prepared, a.caption_dir, beam_size=a.beam_size, device=a.device, meta=a.meta)
@@ -133,7 +134,8 @@ def cmd_table(a):
 def cmd_caption(a):
     from .captioner import load_captioner
 
-    captions = load_captioner(a.model, device=a.device).caption_files(list(a.images), beam_size=a.beam_size)
+    captions = load_captioner(a.model, device=a.device, runtime=a.runtime).caption_files(
+        list(a.images), beam_size=a.beam_size)
     if a.json:
         print(json.dumps([{"image": p, "caption": c} for p, c in zip(a.images, captions)], indent=1))
     else:
@@ -222,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoder", required=True)
     s.add_argument("--decoder", required=True)
     s.add_argument("--quantization", default="fp32", choices=["fp32", "fp16", "int8"])
+    s.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="the engine the artifact runs on by default (the same tensors are stored for both)")
+    s.add_argument("--calibration-images", type=int, default=0,
+                   help="training images that calibrate the encoder's activations (int8 on onnxruntime)")
     s.add_argument("--caption-dir", help="also caption the test images with the packed artifact: captions.json "
                                          "and variant.json here (for `score --eval-dirs`)")
 
@@ -254,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = verb("caption", cmd_caption, "caption images with an artifact alone", model, beam, device)
     s.add_argument("images", nargs="+")
+    s.add_argument("--runtime", choices=["torch", "onnxruntime"],
+                   help="run on this engine (default: the one the artifact was packed for, which the table measured)")
     s.add_argument("--json", action="store_true")
     return p
 

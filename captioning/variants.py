@@ -7,6 +7,9 @@ to 90% by global magnitude, then fine-tuned). ``xe_global0`` is the sweep's dens
 fine-tuning at ratio 0, so a pruned row can be read against a dense model trained exactly as long.
 A ``_seed<k>`` suffix (``xe_seed1``, ``xe_global0_seed2``) is a dense reference trained again under
 seed ``seed + k`` (config ``seeds``): training noise, measured, never a reference or a budget row.
+``quant`` is the quantization, with ``_ort`` when the variant runs on ONNX Runtime instead of torch
+(``lite0-updown-xe-int8_ort``): the same stored weights, another engine, so another latency and,
+for int8, statically quantized encoder activations.
 
 Imported by the Snakefile, so it must stay light (no torch).
 """
@@ -37,6 +40,7 @@ def decoder_family(config: dict, dec: str) -> str:
 
 
 SEED_TAG = "_seed"
+ORT_TAG = "_ort"  # after the quantization: the variant runs on ONNX Runtime
 # The rows of uncompressed models (dense, cross-entropy): quality-reference candidates, and what
 # ``seeds`` trains again.
 REFERENCE_STAGES = ("baseline", "encoder", "control")
@@ -68,7 +72,7 @@ def parse_dstage(dstage: str) -> tuple[str, str | None, float]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One table row: encoder, decoder, how the decoder was trained and pruned, quantization."""
+    """One table row: encoder, decoder, how the decoder was trained and pruned, quantization (and runtime)."""
 
     enc: str
     dec: str
@@ -100,6 +104,16 @@ class Variant:
         return parse_dstage(self.dstage)[2]
 
     @property
+    def quantization(self) -> str:
+        """fp32, fp16 or int8: how the weights are stored (and, for int8, computed)."""
+        return self.quant.removesuffix(ORT_TAG)
+
+    @property
+    def runtime(self) -> str:
+        """The engine that runs the variant: torch, or onnxruntime."""
+        return "onnxruntime" if self.quant.endswith(ORT_TAG) else "torch"
+
+    @property
     def seed(self) -> int:
         """The seed offset this decoder was trained under (0: the experiment's own ``seed``)."""
         return split_seed(self.dstage)[1]
@@ -123,8 +137,10 @@ class Variant:
             return "seed"
         if self.prune_method and not self.control:
             return "prune"
-        if self.quant != "fp32":
+        if self.quantization != "fp32":
             return "quantize"
+        if self.runtime != "torch":
+            return "runtime"  # the same fp32 weights on another engine: a speed row, not compression
         if self.control:
             return "control"
         if self.training != "xe":
@@ -145,7 +161,8 @@ class Variant:
             "training": self.training,
             "prune_method": self.prune_method,
             "prune_ratio": self.prune_ratio,
-            "quantization": self.quant,
+            "quantization": self.quantization,
+            "runtime": self.runtime,
             "seed": config.get("seed", 0) + self.seed,
         }
 
@@ -153,7 +170,7 @@ class Variant:
 def grid(config: dict) -> list[Variant]:
     """Every table row, once, in table order: baseline and encoder replacement for every encoder and
     its decoders; then for the compress encoders and decoders every quantization of the dense and
-    pruned decoders, and the dense control (fp32); then the distilled and the SCST rows; then, with
+    pruned decoders, the dense decoders on ONNX Runtime, and the dense control (fp32); then the distilled and the SCST rows; then, with
     ``seeds`` > 1, the dense references (baseline, encoder and control rows) under the other seeds."""
     c = config["compress"]
     p = c["prune"]
@@ -166,6 +183,9 @@ def grid(config: dict) -> list[Variant]:
     for e in c["encoders"]:
         out += [Variant(e, d, s, q) for d in stage_decoders(config, "compress")
                 for s in stages for q in c["quantization"]]
+        # the dense decoders again on ONNX Runtime, in each of its modes
+        out += [Variant(e, d, "xe", q + ORT_TAG) for d in stage_decoders(config, "compress")
+                for q in c.get("onnxruntime", [])]
         if p.get("control", True) and (p["ratios"] or p["compare_methods"]):
             # the dense control of the sweep: what every pruned row's extra fine-tuning alone gives
             out += [Variant(e, d, dstage_name("xe", p["method"], 0)) for d in stage_decoders(config, "compress")]

@@ -128,6 +128,7 @@ TINY_DAG = {
     },
     "train": {"epochs": 1, "batch_size": 10, "threads": 1},
     "compress": {"encoders": ["lite0"], "decoders": ["updown", "transformer"], "quantization": ["fp32", "fp16", "int8"],
+                 "onnxruntime": ["fp32", "int8"], "calibration_images": 8,
                  "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
                            "compare_methods": ["gradual"], "finetune": {"epochs": 2, "batch_size": 10}}},
     "scst": {"encoders": ["lite0"], "decoders": ["updown", "aoanet"], "epochs": 1, "batch_size": 10, "sample_n": 2},

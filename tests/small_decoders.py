@@ -1,7 +1,7 @@
 """Every decoder family at contract size: tiny settings, a tiny model, tiny features.
 
-Shared by the decoder contract (test_decoders.py), the family tests (test_<family>.py) and the
-architecture options (test_arch_changes.py).
+Shared by the decoder contract (test_decoders.py), the family tests (test_<family>.py), the
+architecture options (test_arch_changes.py) and the ONNX Runtime tests (``image_captioner``).
 """
 from typing import NamedTuple
 
@@ -92,3 +92,30 @@ def assert_stepping_equals_teacher_forcing(m):
             if t < 4:
                 tokens = SEQ2[:, t]
     assert torch.allclose(out.exp().sum(-1), torch.ones(4, 5), atol=1e-5)
+
+
+def image_captioner(family: str, zeros: float = 0.0, dropout: bool = False, prune_encoder: bool = False,
+                    img_size: int = 64, words: int = 20, max_length: int = 12):
+    """A whole random captioner whose captions depend on the image: timm's tiny ``test_efficientnet``
+    (at 64 px: 2×2 regions, so attention has a choice) and a contract-size decoder with larger weights.
+    ``zeros``: the smallest-magnitude fraction of the decoder's (and with ``prune_encoder``, the
+    encoder's) matrices set to zero. ``dropout``: the decoder built with dropout, to check eval mode."""
+    from captioning.captioner import Captioner
+    from captioning.encoders import create_encoder
+    from helpers import prune_smallest
+
+    enc = create_encoder("test_efficientnet", img_size=img_size)
+    dec = create_decoder(family, vocab_size=words, feat_dim=enc.feat_dim,
+                         **{**SMALL[family].config, **(SMALL[family].dropout if dropout else {})})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in enc.parameters():  # random timm init gives features ~1e-3: grow them to ~1
+            if p.ndim > 1:
+                p.mul_(1.4)
+        for p in dec.parameters():  # larger than the default init, so captions depend on the image
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
+    if zeros:
+        prune_smallest(dec, zeros)
+        if prune_encoder:
+            prune_smallest(enc, zeros)
+    return Captioner(enc, dec, {i: f"w{i}" for i in range(1, words + 1)}, max_length=max_length)

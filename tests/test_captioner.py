@@ -59,7 +59,7 @@ def test_loaded_artifact_equals_in_memory_quantized_model(tmp_path, images, mode
     pack_model(tmp_path / "m.capz", cap.encoder, cap.decoder, cap.itow, max_length=10, quantization=mode)
     loaded, memory = load_captioner(tmp_path / "m.capz"), quantize_captioner(cap, mode)
     assert loaded.quantization == memory.quantization == mode
-    assert loaded.config["runtime"] == {"quantization": mode}
+    assert loaded.config["runtime"] == {"quantization": mode, "engine": "torch"}
     (fa, la), (fb, lb) = _logprobs(loaded, images), _logprobs(memory, images)
     assert torch.equal(fa, fb) and torch.equal(la, lb)
     assert loaded.caption_images(images) == memory.caption_images(images)

@@ -314,12 +314,8 @@ def test_pack_stores_what_it_did_before(pack_inputs, tmp_path, quantization, cap
     assert load_captioner(out).max_length == 12
 
 
-def test_pack_also_captions_the_test_split_with_the_packed_file(pack_inputs, tmp_path, capsys):
-    """What rule pack hands rule score: the test images' captions, written from the artifact on disk,
-    and the variant's size and parameters."""
-    from captioning.evaluation.evaluate import count_params
-
-    d, _ = pack_inputs
+def _prepared_images(d, tmp_path):
+    """A prepared dir (pack_inputs' vocabulary) whose images are the COCO five: odd ids test, even train."""
     prep = tmp_path / "prep"
     shutil.copytree(d / "prep", prep)
     root = COCO_IMAGES[0].parents[1]
@@ -327,6 +323,31 @@ def test_pack_also_captions_the_test_split_with_the_packed_file(pack_inputs, tmp
               for n, p in enumerate(COCO_IMAGES)]
     (prep / "images.json").write_text(json.dumps(images))
     (prep / "info.json").write_text(json.dumps({"image_root": str(root)}))
+    return prep, root, images
+
+
+def test_pack_for_onnxruntime_int8_calibrates_on_training_images(pack_inputs, tmp_path, capsys):
+    from captioning.deploy.ort_search import OrtCaptioner
+
+    d, _ = pack_inputs
+    prep, root, images = _prepared_images(d, tmp_path)
+    out = tmp_path / "m.capz"
+    args = ["pack", "--encoder", str(d / "enc.safetensors"), "--decoder", str(d / "dec.safetensors"),
+            "--prepared", str(prep), "--out", str(out), "--quantization", "int8", "--runtime", "onnxruntime"]
+    assert main(args) == 2 and "needs calibration images" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--calibration-images", "3"]) == 0
+    ort = load_captioner(out)
+    assert isinstance(ort, OrtCaptioner) and ort.config["runtime"]["encoder_ranges"]
+    assert len(ort.caption_files([root / im["file_path"] for im in images if im["split"] == "test"])) == 2
+
+
+def test_pack_also_captions_the_test_split_with_the_packed_file(pack_inputs, tmp_path, capsys):
+    """What rule pack hands rule score: the test images' captions, written from the artifact on disk,
+    and the variant's size and parameters."""
+    from captioning.evaluation.evaluate import count_params
+
+    d, _ = pack_inputs
+    prep, root, images = _prepared_images(d, tmp_path)
     out, eval_dir = tmp_path / "m.capz", tmp_path / "eval"
     assert main(["pack", "--encoder", str(d / "enc.safetensors"), "--decoder", str(d / "dec.safetensors"),
                  "--prepared", str(prep), "--quantization", "int8", "--meta", '{"variant": "x"}', "--out", str(out),

@@ -2,14 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from helpers import prune_smallest
-from small_decoders import SMALL
+from small_decoders import image_captioner
 
-from captioning.captioner import Captioner
 from captioning.deploy.onnx_export import names
 from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, topk
-from captioning.encoders import create_encoder
-from captioning.models import create_decoder
 from captioning.models import search as torch_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -18,20 +14,9 @@ IMG, MAX_LEN, WORDS = 64, 12, 20  # 64 px: test_efficientnet gives 2×2 regions,
 
 
 def _captioner(family, zeros):
-    enc = create_encoder("test_efficientnet", img_size=IMG)
     # dropout on: the graphs must hold the eval-mode model, and exporting must leave the captioner in eval mode
-    dec = create_decoder(family, vocab_size=WORDS, feat_dim=enc.feat_dim, **{**SMALL[family].config,
-                                                                            **SMALL[family].dropout})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in enc.parameters():  # random timm init gives features ~1e-3: grow them to ~1
-            if p.ndim > 1:
-                p.mul_(1.4)
-        for p in dec.parameters():  # larger than the default init, so captions depend on the image
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1))
-    if zeros:
-        prune_smallest(enc, zeros), prune_smallest(dec, zeros)
-    return Captioner(enc, dec, {i: f"w{i}" for i in range(1, WORDS + 1)}, max_length=MAX_LEN)
+    return image_captioner(family, zeros, dropout=True, prune_encoder=True, img_size=IMG, words=WORDS,
+                           max_length=MAX_LEN)
 
 
 @pytest.fixture(scope="module")

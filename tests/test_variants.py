@@ -24,6 +24,7 @@ def _small():
         "decoders": {"u": {"arch": "updown"}, "u_slim": {"variant_of": "u", "rnn_size": 8}},
         # global at the compare ratio is already in the sweep: one row, not two
         "compress": {"encoders": ["small"], "decoders": ["u"], "quantization": ["fp32", "int8"],
+                     "onnxruntime": ["int8"],
                      "prune": {"method": "global", "ratios": [0.5], "compare_ratio": 0.5,
                                "compare_methods": ["global", "gradual"]}},
         "distill": {"encoders": ["small"], "decoders": ["u_slim"]},
@@ -96,6 +97,8 @@ def test_parse_refuses_what_is_not_a_variant_name(name):
     ("lite0-updown_slim-kd-fp32", "distill"),
     ("lite0-updown-xe_global0-fp32", "control"),   # the sweep's ratio-0 point: fine-tuned, nothing pruned
     ("lite0-updown-xe_global0-int8", "quantize"),
+    ("lite0-updown-xe-int8_ort", "quantize"),    # int8 weights, on another engine
+    ("lite0-updown-xe-fp32_ort", "runtime"),     # the same weights on ONNX Runtime: speed, not compression
 ])
 def test_stage_is_the_one_change_a_row_measures(name, stage):
     assert Variant.parse(name).stage(_config()) == stage
@@ -114,10 +117,19 @@ def test_meta_is_the_tables_identity_columns_in_order():
         "prune_method": "layerwise",
         "prune_ratio": 0.7,
         "quantization": "fp16",
+        "runtime": "torch",
         "seed": 0,
     }
     assert list(meta) == ["variant", "dataset", "encoder", "decoder", "family", "stage", "training",
-                          "prune_method", "prune_ratio", "quantization", "seed"]
+                          "prune_method", "prune_ratio", "quantization", "runtime", "seed"]
+
+
+def test_runtime_is_a_suffix_of_the_quantization():
+    v = Variant.parse("lite0-aoanet-xe-int8_ort")
+    assert (v.quantization, v.runtime) == ("int8", "onnxruntime")
+    assert v.meta(_config())["quantization"] == "int8" and v.meta(_config())["runtime"] == "onnxruntime"
+    assert (Variant.parse("lite0-aoanet-xe-int8").runtime, Variant.parse("lite0-aoanet-xe-fp32_ort").quantization) \
+        == ("torch", "fp32")
 
 
 def test_decoder_family_is_the_parent_of_a_variant():
@@ -132,13 +144,14 @@ def test_default_grid():
     names = [v.name for v in variants]
     # xe rows: r50 x 3 families + mnv3s x updown + lite0 x 6 decoders = 10; compress: lite0 x 3 decoders x
     # (xe + 5 global ratios + gradual0.9) x 3 quantizations = 63, less the 3 dense fp32 rows already there,
-    # plus 3 dense controls (fp32); distill: updown_slim kd (its xe row is there); scst: 3 decoders.
-    assert len(variants) == 10 + 60 + 3 + 1 + 3 == 77
+    # plus 3 dense decoders x (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: updown_slim
+    # kd (its xe row is there); scst: 3 decoders.
+    assert len(variants) == 10 + 60 + 6 + 3 + 1 + 3 == 83
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))
     assert {"lite0-aoanet-xe_gradual0.9-int8", "lite0-updown_slim-kd-fp32",
-            "lite0-transformer-scst-fp32"} <= set(names)
+            "lite0-transformer-scst-fp32", "lite0-transformer-xe-int8_ort", "lite0-updown-xe-fp32_ort"} <= set(names)
     assert not any(n.startswith("r50-") and "_slim" in n for n in names)  # compared with the family baseline
     stages = [v.stage(c) for v in variants]
     assert stages.count("baseline") == 3 and stages.count("distill") == 1 and stages.count("scst") == 3
@@ -151,6 +164,7 @@ def test_small_grid_equals_the_hand_written_rows_in_order():
         "big-u-xe-fp32", "small-u-xe-fp32", "small-u_slim-xe-fp32",
         "small-u-xe-int8", "small-u-xe_global0.5-fp32", "small-u-xe_global0.5-int8",
         "small-u-xe_gradual0.5-fp32", "small-u-xe_gradual0.5-int8",
+        "small-u-xe-int8_ort",
         "small-u-xe_global0-fp32",
         "small-u_slim-kd-fp32",
         "small-u-scst-fp32", "small-u-scst-int8",

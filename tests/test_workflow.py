@@ -32,7 +32,8 @@ def test_table_has_every_variant_and_column(tiny_run):
          "r50-transformer-xe-fp32", "lite0-updown_slim-xe-fp32"]
         + [f"lite0-{d}-{s}-{q}" for d in ("updown", "transformer")
            for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")]
-        + ["lite0-updown-xe_global0-fp32", "lite0-transformer-xe_global0-fp32"])  # the dense controls
+        + ["lite0-updown-xe_global0-fp32", "lite0-transformer-xe_global0-fp32"]  # the dense controls
+        + [f"lite0-{d}-xe-{q}_ort" for d in ("updown", "transformer") for q in ("fp32", "int8")])  # ONNX Runtime
     # Every decoder is compared with its family's baseline; the variant inherited its parent's arch.
     by = df.set_index("variant")
     assert by.loc["lite0-updown_slim-xe-fp32", "family"] == "updown"
@@ -78,6 +79,14 @@ def test_table_has_every_variant_and_column(tiny_run):
     assert df[["cider_change_pct", "cider_change_lo", "cider_change_hi"]].notna().all().all()
     assert (df["cider_change_lo"] <= df["cider_change_pct"] + 1e-9).all()
     assert (df["cider_change_pct"] <= df["cider_change_hi"] + 1e-9).all()
+    # ONNX Runtime rows: the same stored weights on another engine; fp32 there captions as torch does.
+    ort = by[by["runtime"] == "onnxruntime"]
+    assert len(ort) == 4 and (by["runtime"].isin(["torch", "onnxruntime"])).all()
+    for d in ("updown", "transformer"):
+        assert by.loc[f"lite0-{d}-xe-fp32_ort", "stage"] == "runtime"
+        assert by.loc[f"lite0-{d}-xe-fp32_ort", "CIDEr"] == pytest.approx(by.loc[f"lite0-{d}-xe-fp32", "CIDEr"])
+        assert by.loc[f"lite0-{d}-xe-int8_ort", "stage"] == "quantize"
+        assert by.loc[f"lite0-{d}-xe-int8_ort", "quantization"] == "int8"
     assert "Quality reference: `" in summary and "Pruning against the dense control `lite0-updown-xe_global0-fp32`" in summary
     assert (tiny_run / "results/table.md").is_file()
     assert (tiny_run / "results/pareto.png").stat().st_size > 1000

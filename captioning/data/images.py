@@ -44,3 +44,8 @@ def to_tensor(im: Image.Image, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) 
 
 def load_tensor(path: str | Path, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     return to_tensor(load_rgb(path), size, mean, std)
+
+
+def encoder_images(encoder, paths) -> torch.Tensor:
+    """Image files as ``encoder`` takes them: [N, 3, S, S] at its size, with its normalisation."""
+    return torch.stack([load_tensor(p, encoder.img_size, encoder.mean, encoder.std) for p in paths])

@@ -87,12 +87,21 @@ def beam_search(step: Step, ctx: Arrays, state: Arrays, beam_size: int, max_leng
     return done_seq[:, 0]
 
 
+MAX_RANGES = 100_000  # calibrated tensors an artifact may list; lite0 needs a few hundred
+
+
 class OrtCaptioner:
-    """A captioner on ONNX Runtime: images in, caption strings out, no torch at run time.
+    """A captioner on ONNX Runtime: images in, caption strings out, no torch in the decoding loop.
 
     ``graphs`` holds the three ONNX models of ``captioning.deploy.onnx_export`` ("encoder",
     "init", "step") as bytes or file paths. One thread by default, as the project measures latency.
+    Built from a torch ``Captioner`` (``from_captioner``, ``from_artifact``), it also answers what
+    evaluation asks of a captioner (``images``, ``caption_files``, ``state_groups``, ``config``):
+    image files are read and resized by the torch captioner's encoder settings, and the weights
+    it reports are the artifact's stored ones.
     """
+
+    runtime = "onnxruntime"
 
     def __init__(self, graphs: dict, itow: dict[int, str], max_length: int, threads: int = 1):
         import onnxruntime as ort
@@ -103,13 +112,56 @@ class OrtCaptioner:
                          for k in ("encoder", "init", "step")}
         self.itow, self.max_length = itow, max_length
         self.n_ctx = sum(o.name.startswith("ctx_") for o in self.sessions["init"].get_outputs())
+        self.torch, self.quantization, self.config, self.source = None, "fp32", {}, "onnxruntime"
+        self.device = "cpu"
 
     @classmethod
     def from_captioner(cls, captioner, threads: int = 1) -> "OrtCaptioner":
         """Export a float torch ``Captioner`` in memory and load its graphs."""
         from .onnx_export import export_captioner
 
-        return cls(export_captioner(captioner), captioner.itow, captioner.max_length, threads)
+        ort = cls(export_captioner(captioner), captioner.itow, captioner.max_length, threads)
+        ort.torch = captioner
+        return ort
+
+    @classmethod
+    def from_artifact(cls, captioner, mode: str, ranges, threads: int = 1) -> "OrtCaptioner":
+        """The graphs of a loaded artifact (``captioner``: its stored weights, computing in float),
+        computing in ``mode``: int8 quantizes the encoder statically with the artifact's calibrated
+        activation ``ranges`` and the decoder's matmuls dynamically."""
+        from ..errors import UserError
+        from .onnx_export import export_captioner
+
+        graphs = export_captioner(captioner)
+        if mode == "int8":
+            from .ort_quantize import quantize_graphs
+
+            try:
+                graphs = quantize_graphs(graphs, _checked_ranges(ranges, captioner.source))
+            except ValueError as e:
+                raise UserError(f"{captioner.source}: {str(e).strip().splitlines()[0]}") from None
+        ort = cls(graphs, captioner.itow, captioner.max_length, threads)
+        ort.torch, ort.quantization, ort.config, ort.source = captioner, mode, captioner.config, captioner.source
+        return ort
+
+    def images(self, paths):
+        """Image files as the encoder takes them (see ``captioning.captioner.encoder_images``)."""
+        from ..data.images import encoder_images
+
+        return encoder_images(self.torch.encoder, paths)
+
+    def caption_files(self, paths, beam_size: int = 3, batch_size: int = 16) -> list[str]:
+        out = []
+        for i in range(0, len(paths), batch_size):
+            out += self.caption_images(self.images(paths[i:i + batch_size]), beam_size)
+        return out
+
+    def state_groups(self) -> dict:
+        """The weights as the artifact stores them (float view), as ``Captioner.state_groups``."""
+        return self.torch.state_groups()
+
+    def cpu(self) -> "OrtCaptioner":
+        return self  # the CPU execution provider only
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self.sessions[name]  # a graph drops inputs it does not use (the Transformer ignores fc)
@@ -140,3 +192,20 @@ class OrtCaptioner:
         ctx, state = self.start(*self.encode(images))
         seq = beam_search(self.step, ctx, state, beam_size, self.max_length)
         return [decode(self.itow, s) for s in seq.tolist()]
+
+
+def _checked_ranges(ranges, where: str) -> dict[str, list[float]]:
+    """An artifact's calibrated activation ranges, {tensor: [lo, hi]} with finite lo <= hi, or a one-line UserError."""
+    from ..errors import UserError
+
+    if ranges is None:
+        raise UserError(f"{where}: no calibrated encoder ranges, so int8 cannot run on ONNX Runtime "
+                        "(pack it with --runtime onnxruntime)")
+    if not isinstance(ranges, dict) or len(ranges) > MAX_RANGES:
+        raise UserError(f"{where}: runtime.encoder_ranges must be an object of at most {MAX_RANGES} tensors")
+    for name, r in ranges.items():
+        ok = (isinstance(r, list) and len(r) == 2
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in r))
+        if not ok or r[0] > r[1]:
+            raise UserError(f"{where}: runtime.encoder_ranges[{name!r}] must be [lo, hi], finite, lo <= hi; got {r!r}")
+    return ranges

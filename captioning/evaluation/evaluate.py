@@ -68,9 +68,7 @@ def caption_artifact(model, prepared, out_dir, split="test", beam_size=3, batch_
     if latency_images > 0:
         from .latency import measure_latency
 
-        cap.encoder.cpu(), cap.decoder.cpu()
-        cap.device = "cpu"
-        latency = measure_latency(cap, paths[:latency_images], beam_size, threads)
+        latency = measure_latency(cap.cpu(), paths[:latency_images], beam_size, threads)
     storage = cap.config.get("storage", {})
     floor = storage.get("floor_bytes")
     facts = {**(meta or {}), "params": params, "nonzero_params": nonzero,

@@ -1,7 +1,8 @@
 """CPU latency per image as a phone user would feel it: batch 1, raw image in, caption out.
 
 ``threads`` here is the CPU thread count of the timing alone: torch's thread count is set to it
-while timing and restored afterwards, so whatever else the process computes is unaffected.
+while timing and restored afterwards, so whatever else the process computes is unaffected; an
+ONNX Runtime artifact gets sessions of that many threads.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def measure_artifacts(models, prepared, out=None, split: str = "test", images: i
     ms = {}
     for model in tqdm(models, desc="latency", unit="model"):
         ms[Path(model).name.removesuffix(".capz")] = measure_latency(
-            load_captioner(model, device="cpu"), paths, beam_size, threads)
+            load_captioner(model, device="cpu", threads=threads), paths, beam_size, threads)
     if out is not None:
         write_json(out, ms)
     return ms

@@ -166,7 +166,8 @@ def _control_rows(g: pd.DataFrame, per_image: dict) -> list[str]:
 
 def _training_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
     """SCST and distilled decoders beside the same decoder and encoder trained by cross-entropy alone."""
-    dense = df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["stage"] != "seed")]
+    torch_rows = df["runtime"].fillna("torch") == "torch" if "runtime" in df else True  # one row per decoder
+    dense = df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["stage"] != "seed") & torch_rows]
     xe = dense[dense["training"] == "xe"].set_index(["encoder", "decoder"])
     rows = []
     for r in dense[dense["training"].isin(["scst", "kd"])].sort_values(["training", "variant"]).itertuples(index=False):

@@ -23,7 +23,7 @@ from ..variants import REFERENCE_STAGES
 from .bootstrap import change_with_interval
 
 ID_COLS = ["variant", "dataset", "encoder", "decoder", "family", "stage", "training", "prune_method", "prune_ratio",
-           "sparsity", "quantization", "seed"]
+           "sparsity", "quantization", "runtime", "seed"]
 SIZE_COLS = ["params", "nonzero_params", "size_mb", "floor_mb", "size_reduction_pct"]
 QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
                 "quality_reference", "reference_cider", "cider_change_pct", "cider_change_lo", "cider_change_hi"]
@@ -68,6 +68,7 @@ def build_table(metric_files, baselines: list[str], latency_file=None) -> pd.Dat
         if c not in df.columns:
             df[c] = None
     df["family"] = df["family"].fillna(df["decoder"])
+    df["runtime"] = df["runtime"].fillna("torch")  # metrics written before runtime was a dimension
     base = {}
     for name in baselines:
         hit = df.loc[df["variant"] == name]

@@ -32,7 +32,7 @@ wildcard_constraints:
     train="xe|scst|kd",
     method="global|layerwise|gradual",
     ratio="0(\\.[0-9]+)?",
-    quant="fp32|fp16|int8",
+    quant="fp32|fp16|int8|fp32_ort|int8_ort",
     k="[1-9][0-9]*",
 
 
@@ -69,7 +69,18 @@ def train_args(wc, extra=None):
 
 def variant_meta(wc):
     """What a variant is, as the --meta JSON recorded in its artifact and metrics."""
-    return as_json(Variant(wc.enc, wc.dec, wc.dstage, wc.quant).meta(config))
+    return as_json(variant_of(wc).meta(config))
+
+
+def variant_of(wc):
+    return Variant(wc.enc, wc.dec, wc.dstage, wc.quant)
+
+
+def calibration_images(wc):
+    """Training images that calibrate an int8 ONNX Runtime encoder; 0 for every other variant, so
+    changing the count repacks those variants alone."""
+    v = variant_of(wc)
+    return config["compress"]["calibration_images"] if (v.runtime, v.quantization) == ("onnxruntime", "int8") else 0
 
 
 def all_artifacts():

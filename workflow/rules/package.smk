@@ -22,6 +22,9 @@ rule pack:
         out=lambda wc, output: os.path.dirname(output.captions),
         beam=config["evaluate"]["beam_size"],
         device=config["device"],
+        mode=lambda wc: variant_of(wc).quantization,
+        runtime=lambda wc: variant_of(wc).runtime,
+        calibration=calibration_images,
     log:
         f"logs/pack/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",
     benchmark:
@@ -34,5 +37,6 @@ rule pack:
         runtime=60,
     shell:
         "{params.cli} pack --encoder {input.encoder} --decoder {input.decoder} --prepared {params.prep}"
-        " --quantization {wildcards.quant} --meta {params.meta:q} --out {output.model}"
+        " --quantization {params.mode} --runtime {params.runtime} --calibration-images {params.calibration}"
+        " --meta {params.meta:q} --out {output.model}"
         " --caption-dir {params.out} --beam-size {params.beam} --device {params.device} > {log} 2>&1"

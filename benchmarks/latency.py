@@ -1,0 +1,160 @@
+"""End-to-end captioning latency per image, torch against ONNX Runtime, fp32 against int8.
+
+One image file in, one caption string out (load, resize, normalise, encoder, beam search, decode),
+batch 1, beam 3, one thread for torch and for ONNX Runtime; the median of ``--runs`` timed
+captions after ``--warmup`` untimed ones, cycling over tests/data/coco5's images. Per decoder
+family (updown, aoanet, transformer):
+
+    r50 fp32 torch     the baseline (resnet50 encoder)
+    lite0 fp32 torch   tf_efficientnet_lite0 encoder
+    lite0 int8 torch   ``quantize_captioner(..., "int8")``: dynamic int8 decoder, int8-grid encoder weights
+    lite0 fp32 ORT     the same model's ONNX graphs on ONNX Runtime
+    lite0 int8 ORT     static int8 encoder (calibrated on 32 images), dynamic int8 decoder matmuls
+
+By default the models are random-init at the default experiment's widths (config.yaml: decoders,
+encoders' img_size, caption length 16) with a 200-word vocabulary, and the end token's output bias
+is set to -1e4 so every caption runs the full 16 steps: timings do not depend on when random
+weights happen to stop. ``--run RUN_DIR`` times a finished run's artifacts instead
+(RUN_DIR/artifacts/{enc}-{dec}-xe-{quant}.capz), whose captions stop where the trained models do.
+
+tests/data/coco5 holds 2 training images, so the 32 calibration images are random crops and flips
+of them (a real run calibrates on ``compress.calibration_images`` training images).
+
+    .venv/bin/python benchmarks/latency.py [--runs 20] [--warmup 3] [--run work/synth]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from captioning.captioner import Captioner, load_captioner, quantize_captioner  # noqa: E402
+from captioning.data.images import load_rgb, to_tensor  # noqa: E402
+from captioning.deploy.onnx_export import export_captioner  # noqa: E402
+from captioning.deploy.ort_quantize import has_vnni, encoder_ranges, quantize_graphs  # noqa: E402
+from captioning.deploy.ort_search import OrtCaptioner  # noqa: E402
+from captioning.encoders import create_encoder  # noqa: E402
+from captioning.models import create_decoder  # noqa: E402
+from captioning.variants import decoder_settings  # noqa: E402
+
+FAMILIES = ("updown", "aoanet", "transformer")
+ROWS = ("r50 fp32 torch", "lite0 fp32 torch", "lite0 int8 torch", "lite0 fp32 ORT", "lite0 int8 ORT")
+ARTIFACT_QUANT = dict(zip(ROWS, ("fp32", "fp32", "int8", "fp32_ort", "int8_ort")))
+IMAGES = sorted((ROOT / "tests/data/coco5").glob("*/*.jpg"))
+TRAIN_IMAGES = sorted((ROOT / "tests/data/coco5/train2014").glob("*.jpg"))
+WORDS, MAX_LEN, BEAM, CALIBRATION = 200, 16, 3, 32
+
+
+def cpu() -> tuple[str, dict[str, bool]]:
+    """The CPU's model name and whether it has the int8 instructions ONNX Runtime's kernels use."""
+    text = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return model, {"AVX2": "avx2" in flags, "AVX512-VNNI": "avx512_vnni" in flags, "AVX-VNNI": "avx_vnni" in flags}
+
+
+def calibration_images(encoder) -> torch.Tensor:
+    """CALIBRATION random crops (half to all of each side) and flips of the training images, as the encoder takes them."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(CALIBRATION):
+        im = load_rgb(TRAIN_IMAGES[i % len(TRAIN_IMAGES)])
+        w, h = im.size
+        s = 0.5 + 0.5 * torch.rand(1, generator=g).item()
+        cw, ch = int(w * s), int(h * s)
+        x, y = (int(torch.randint(0, n + 1, (1,), generator=g)) for n in (w - cw, h - ch))
+        im = im.crop((x, y, x + cw, y + ch))
+        if torch.rand(1, generator=g).item() < 0.5:
+            im = im.transpose(0)  # Image.FLIP_LEFT_RIGHT
+        out.append(to_tensor(im, encoder.img_size, encoder.mean, encoder.std))
+    return torch.stack(out)
+
+
+def random_captioner(timm_name: str, img_size: int, family: str, config: dict) -> Captioner:
+    """A random-init captioner at the experiment's widths whose captions never end before MAX_LEN."""
+    encoder = create_encoder(timm_name, img_size=img_size)
+    settings = {k: v for k, v in decoder_settings(config, family).items() if k not in ("arch", "train", "variant_of")}
+    decoder = create_decoder(config["decoders"][family]["arch"], vocab_size=WORDS, feat_dim=encoder.feat_dim,
+                             **settings)
+    head = decoder.generator if family == "transformer" else decoder.logit
+    with torch.no_grad():
+        head.bias[0] = -1e4  # the end token (class 0): never chosen, so every caption is MAX_LEN words
+    return Captioner(encoder, decoder, {i: f"w{i}" for i in range(1, WORDS + 1)}, MAX_LEN)
+
+
+def random_models(family: str, config: dict) -> dict:
+    """The five captioners of a family, random-init (see the module docstring)."""
+    size = {name: config["encoders"][name]["img_size"] for name in ("r50", "lite0")}
+    lite0 = random_captioner("tf_efficientnet_lite0", size["lite0"], family, config)
+    graphs = export_captioner(lite0)
+    ranges = encoder_ranges(graphs["encoder"], calibration_images(lite0.encoder).numpy())
+    ort_fp32, ort_int8 = OrtCaptioner(graphs, lite0.itow, MAX_LEN), OrtCaptioner(
+        quantize_graphs(graphs, ranges), lite0.itow, MAX_LEN)
+    ort_fp32.torch = ort_int8.torch = lite0  # image files are read by the torch encoder's settings
+    return dict(zip(ROWS, (random_captioner("resnet50", size["r50"], family, config), lite0,
+                           quantize_captioner(lite0, "int8"), ort_fp32, ort_int8)))
+
+
+def run_models(family: str, run_dir: Path) -> dict:
+    """The five captioners of a family from a finished run's artifacts."""
+    out = {}
+    for row in ROWS:
+        path = run_dir / "artifacts" / f"{row.split()[0]}-{family}-xe-{ARTIFACT_QUANT[row]}.capz"
+        out[row] = load_captioner(path, device="cpu", threads=1)
+    return out
+
+
+def median_ms(captioner, runs: int, warmup: int, words: int | None) -> float:
+    """Median wall time of captioning one image file, in ms; ``words``: the caption length every caption must have."""
+    times = []
+    for i in range(warmup + runs):
+        path = IMAGES[i % len(IMAGES)]
+        t0 = time.perf_counter()
+        caption = captioner.caption_files([path], beam_size=BEAM)[0]
+        times.append(time.perf_counter() - t0)
+        if words is not None and len(caption.split()) != words:
+            raise SystemExit(f"a caption of {len(caption.split())} words, not {words}: {caption!r}")
+    return 1000 * statistics.median(times[warmup:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20, help="timed captions per model (median)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed captions first")
+    ap.add_argument("--run", type=Path, help="a finished run's folder (work/<dataset>): time its artifacts")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    model, flags = cpu()
+    print(f"CPU: {model}; " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in flags.items()))
+    print(f"ORT int8 weights: {'8-bit (VNNI)' if has_vnni() else '7-bit (no VNNI: avoids int16 saturation)'}")
+    if args.run:
+        print(f"models: artifacts of {args.run}; captions stop where the trained models do")
+    else:
+        print(f"models: random-init, config.yaml widths, {WORDS} words; end token disabled, so every caption "
+              f"runs the full {MAX_LEN} steps; ORT int8 calibrated on {CALIBRATION} crops of "
+              f"{len(TRAIN_IMAGES)} training images")
+    print(f"per image: file -> caption, batch 1, beam {BEAM}, 1 thread; median of {args.runs} after "
+          f"{args.warmup} warm-up; ms\n")
+    config = yaml.safe_load((ROOT / "config.yaml").read_text()) if not args.run else None
+    print("| family | " + " | ".join(ROWS) + " | ORT int8 vs lite0 fp32 torch | ORT int8 vs r50 fp32 torch |")
+    print("|---" * (len(ROWS) + 3) + "|")
+    for family in FAMILIES:
+        models = run_models(family, args.run) if args.run else random_models(family, config)
+        ms = {row: median_ms(models[row], args.runs, args.warmup, None if args.run else MAX_LEN) for row in ROWS}
+        int8 = ms["lite0 int8 ORT"]
+        print(f"| {family} | " + " | ".join(f"{ms[row]:.1f}" for row in ROWS)
+              + f" | {ms['lite0 fp32 torch'] / int8:.1f}x faster | {ms['r50 fp32 torch'] / int8:.1f}x faster |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,6 @@ only through ``torch.load(weights_only=True)``, which refuses anything but tenso
 from __future__ import annotations
 
 import importlib
-import pickle  # only for its exception type: nothing here unpickles
 import re
 import struct
 from pathlib import Path
@@ -70,7 +69,7 @@ def lite_state_dict(variant: str = "efficientnet-lite0") -> dict:
 
 # What torch's weights-only loader raises for a damaged or foreign file (seen by mutating real files);
 # a MemoryError is not among them, so running out of memory keeps its traceback.
-_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError,
+_TORCH_LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, LookupError,
                       TypeError, AssertionError, struct.error)
 
 
@@ -84,8 +83,11 @@ def read_state_dict(path: str | Path) -> dict:
     elif path.suffix in (".pth", ".pt", ".bin"):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except _TORCH_LOAD_ERRORS as e:  # never retried unsafely
-            if isinstance(e, pickle.UnpicklingError):  # weights_only refused the file
+        except Exception as e:  # noqa: BLE001  narrowed on the next line; never retried unsafely
+            refused = type(e).__name__ == "UnpicklingError"  # weights_only refused the file (by name: no pickle here)
+            if not refused and not isinstance(e, _TORCH_LOAD_ERRORS):
+                raise
+            if refused:
                 why = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
                 if why:
                     raise UserError(f"{path}: refused, loading it would unpickle arbitrary objects "

@@ -1,7 +1,12 @@
 # The captioning-compression experiment. Logic lives in the `captioning` package;
 # the rules in workflow/rules only wire files together.
 
-configfile: "config.yaml"
+# The experiment's config: config.yaml, or the files given with --configfile instead (each a
+# whole experiment, e.g. configs/coco.yaml; Snakemake would otherwise merge them into config.yaml,
+# and the default experiment's encoders and decoders would join the run).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -55,7 +55,16 @@ def cmd_encoder(a):
 def cmd_extract(a):
     from .encoders import extract_dataset
 
-    extract_dataset(a.encoder, a.prepared, a.out, batch_size=a.batch_size, device=a.device)
+    if (a.shard is None) != (a.shards is None):
+        raise UserError("--shard and --shards go together (shard I of N)")
+    shard = None if a.shard is None else (a.shard, a.shards)
+    extract_dataset(a.encoder, a.prepared, a.out, batch_size=a.batch_size, device=a.device, shard=shard)
+
+
+def cmd_merge_features(a):
+    from .encoders.features import merge_features
+
+    merge_features(a.shard_files, a.out)
 
 
 def cmd_train(a):
@@ -201,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = verb("extract", cmd_extract, "extract grid + pooled features of every image into HDF5", prepared, device, out)
     s.add_argument("--encoder", required=True)
     s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--shard", type=int, metavar="I", help="encode only shard I (0-based) of --shards")
+    s.add_argument("--shards", type=int, metavar="N", help="the number of contiguous slices the images are cut into")
+
+    s = verb("merge-features", cmd_merge_features, "merge the shard files of one extraction into one features HDF5",
+             out)
+    s.add_argument("shard_files", nargs="+", metavar="SHARD", help="every shard file of the extraction")
 
     s = verb("train", cmd_train, "train a decoder with cross-entropy on cached features", *run)
     s.add_argument("--decoder", required=True, help="decoder architecture name, e.g. updown")

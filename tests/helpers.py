@@ -145,6 +145,18 @@ def smk(workdir, *args, check=True):
     return r
 
 
+def job_counts_in(out):
+    """{rule: number of jobs} from the job stats of Snakemake's output."""
+    stats = out[out.index("Job stats:"):].split("\n")[3:]
+    counts = {}
+    for line in stats:
+        name, _, n = line.partition(" ")
+        if name == "total":
+            return counts
+        counts[name] = int(n)
+    raise AssertionError(f"no job stats in:\n{out}")
+
+
 def write_config(workdir, cfg):
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
 

@@ -175,14 +175,14 @@ def _verbs() -> dict[str, argparse.ArgumentParser]:
 def _rule_commands():
     """(rule file, verb, options) of every `captioning <verb>` shell command in workflow/rules."""
     for smk in sorted(RULES.glob("*.smk")):
-        for m in re.finditer(r'"\{params\.cli\} (\w+)(.*?)> \{log\}', smk.read_text(), re.S):
+        for m in re.finditer(r'"\{params\.cli\} ([\w-]+)(.*?)> \{log\}', smk.read_text(), re.S):
             yield smk.name, m.group(1), set(re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(2)))
 
 
 def test_every_option_the_workflow_passes_exists():
     found = list(_rule_commands())
-    assert {verb for _, verb, _ in found} == {"synth", "prepare", "encoder", "extract", "train", "scst", "prune",
-                                              "pack", "score", "latency", "table"}
+    assert {verb for _, verb, _ in found} == {"synth", "prepare", "encoder", "extract", "merge-features", "train",
+                                              "scst", "prune", "pack", "score", "latency", "table"}
     verbs = _verbs()
     for rule_file, verb, options in found:
         known = set(verbs[verb]._option_string_actions)

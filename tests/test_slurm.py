@@ -5,19 +5,30 @@ and apt-get needed; otherwise the test is skipped and says why). A small variant
 workflow test's TINY_DAG config then runs twice: once with `--profile profiles/slurm`, every job
 an sbatch job, and once locally. The SLURM run must have really gone through sbatch, and
 both runs must give the same table (latency aside: it is a timing).
+
+Then one training job with a 1-minute time limit, longer than that: SLURM must kill it (TIMEOUT),
+Snakemake resubmit it, and the new job continue from the last finished epoch, ending with the
+weights an uninterrupted local run gives.
 """
 import copy
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pandas as pd
 import pytest
+import torch
 
-from helpers import ROOT, SNAKEMAKE, TINY_DAG, smk, write_config
+from captioning.io import load_tensors
+from helpers import ROOT, SNAKEMAKE, TINY_DAG, job_counts_in, smk, write_config
 
 SCRIPTS = ROOT / "tests" / "slurm"
 PARTITION = "test"
@@ -80,9 +91,11 @@ def node_size(env):
     return int(cpus), int(mem)
 
 
-def smk_slurm(workdir, env, *args):
+def smk_slurm(workdir, env, *args, retries=0, check=True):
     """snakemake with profiles/slurm, overridden for the CPU-only test node: its partition,
-    no GPUs, its core count, and every SLURM log kept as evidence."""
+    no GPUs, its core count, and every SLURM log kept as evidence. ``retries``: how often a failed
+    job is resubmitted (the profile's own is 1; 0 makes a failure show at once). With ``check``, a
+    failed run raises; the finished process is returned either way."""
     rules = rule_names()
     overrides = [f"{r}:gpu=0" for r in rules]
     cpus, mem = node_size(env)
@@ -92,13 +105,13 @@ def smk_slurm(workdir, env, *args):
         "-d", str(workdir), "--profile", str(ROOT / "profiles" / "slurm"), "--workflow-profile", "none",
         "--default-resources", f"slurm_partition={PARTITION}", "mem_mb=1000", "runtime=30",
         "--slurm-keep-successful-logs", "--set-resources", *overrides,
-        "--cores", str(cpus), "--jobs", "4", "--latency-wait", "5", "--retries", "0",
+        "--cores", str(cpus), "--jobs", "4", "--latency-wait", "5", "--retries", str(retries),
         *args,
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
-    if r.returncode != 0:
+    if check and r.returncode != 0:
         raise AssertionError(f"snakemake on SLURM failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
-    return r.stdout + r.stderr
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -112,26 +125,15 @@ def runs(cluster, tmp_path_factory):
     with ThreadPoolExecutor(2) as pool:
         slurm_run = pool.submit(smk_slurm, on_slurm, env, "results/table.csv")
         local_run = pool.submit(smk, local, "results/table.csv")
-        log = slurm_run.result()
+        r = slurm_run.result()
         local_run.result()
+    log = r.stdout + r.stderr
     return on_slurm, local, log
 
 
 def job_counts(workdir):
     """{rule: number of jobs} of the whole DAG, from a forced dry run."""
     return job_counts_in(smk(workdir, "-n", "--forceall", "results/table.csv").stdout)
-
-
-def job_counts_in(out):
-    """{rule: number of jobs} from the job stats of Snakemake's output."""
-    stats = out[out.index("Job stats:"):].split("\n")[3:]
-    counts = {}
-    for line in stats:
-        name, _, n = line.partition(" ")
-        if name == "total":
-            return counts
-        counts[name] = int(n)
-    raise AssertionError(f"no job stats in:\n{out}")
 
 
 def slurm_jobs(env):
@@ -192,3 +194,213 @@ def test_slurm_table_matches_local_run(runs):
     a = a.sort_values("variant").reset_index(drop=True)
     b = b.sort_values("variant").reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+# ---- a training job killed at its time limit, resubmitted ---------------------------------------
+
+# One cross-entropy job that outlasts its 1-minute limit, from SMALL's lite0 encoder (ImageNet
+# weights, no pretraining job). The decoder is wide enough for an epoch of a few seconds, and 40
+# val images make val CIDEr-D (which picks the published epoch) less noisy, so the best epoch
+# tends to be a late one, trained after the resume. The epoch count is set per run, from how
+# long an epoch takes here and now.
+RESUME = copy.deepcopy(SMALL)
+RESUME["encoders"] = {"lite0": SMALL["encoders"]["lite0"]}
+RESUME["baseline_encoder"] = "lite0"
+RESUME["dataset"]["synthetic"].update(n_train=200, n_val=40)
+RESUME["decoders"]["updown"].update(input_encoding_size=256, rnn_size=256, att_hid_size=128)
+RESUME["train"].update(lr=0.002)
+RESUME["resources"] = {"train_xe": {"runtime": 1}}  # minutes: the SLURM time limit (sbatch -t 1)
+RESUME_TARGET = "work/tiny/decoders/lite0/updown/xe.safetensors"
+RESUME_LOG = "logs/train_xe/tiny-lite0-updown.log"
+
+# The timing. slurmctld tests time limits every 30 s (not configurable), so a job with a 1-minute
+# limit is killed at the first test after 60 s: 60 to 90 s after it starts, depending on where in
+# that 30-s cycle it started. The test starts Snakemake 10-18 s into a cycle (read from
+# slurmctld's debug2 log); the job starts about 2 s later, so the first attempt is killed about
+# 75 s after it starts and, less its start-up (about 8 s), trains for about 65 s. Training
+# RESUME_TRAIN_SECONDS in all leaves about 25 s for the second attempt: well inside its minute.
+# (That margin matters: a job that finishes after its limit but before the next test still
+# counts as TIMEOUT, see the report in test_timed_out_training_resumes_when_resubmitted.)
+LIMIT_CHECK_PHASE = (10, 18)
+RESUME_TRAIN_SECONDS = 90
+
+SECONDS_PER_EPOCH = """\
+import json, sys
+import torch
+torch.set_num_threads(1)  # as the job: train --threads 1
+from captioning.training.xe import train_xe
+history = train_xe(**json.loads(sys.argv[1]))["history"]
+print(sum(row["seconds"] for row in history) / len(history))  # epochs alone, not the set-up
+"""
+
+
+def seconds_per_epoch(workdir, scratch):
+    """Wall seconds of one RESUME epoch here and now, from two epochs on the prepared data."""
+    dec = {k: v for k, v in RESUME["decoders"]["updown"].items() if k != "arch"}
+    kw = {"features_h5": str(workdir / "work/tiny/features/lite0.h5"), "prepared_dir": str(workdir / "work/tiny/prepared"),
+          "out_path": str(scratch / "calibration.safetensors"), "decoder_name": "updown", "decoder_cfg": dec, "epochs": 2,
+          "batch_size": RESUME["train"]["batch_size"], "lr": RESUME["train"]["lr"], "device": "cpu", "progress": False}
+    r = subprocess.run([sys.executable, "-c", SECONDS_PER_EPOCH, json.dumps(kw)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return float(r.stdout.splitlines()[-1])
+
+
+def time_limit_checks(state):
+    """When slurmctld tested job time limits (logged at debug2 level), as time.time() seconds."""
+    text = (state / "slurmctld.log").read_text(errors="replace")
+    stamps = re.findall(r"^\[([0-9T:.-]+)\] debug2: Testing job time limits", text, flags=re.M)
+    return [datetime.fromisoformat(s).timestamp() for s in stamps]
+
+
+def wait_for_phase(state, lo, hi, timeout=75):
+    """Wait until ``lo`` to ``hi`` seconds after one of slurmctld's time-limit tests; return how many."""
+    end = time.time() + timeout
+    while time.time() < end:
+        checks = time_limit_checks(state)
+        phase = time.time() - checks[-1] if checks else None
+        if phase is not None and lo <= phase <= hi:
+            return phase
+        time.sleep(lo - phase if phase is not None and phase < lo else 0.5)
+    raise AssertionError(f"slurmctld logged no time-limit test in {timeout} s (see {state / 'slurmctld.log'})")
+
+
+class AttemptLogs(threading.Thread):
+    """Samples a log file that every attempt of a job rewrites, until ``stop()``: ``texts`` ends up
+    with each attempt's last content (a new attempt is content that does not extend the last)."""
+
+    def __init__(self, path):
+        super().__init__(daemon=True)
+        self.path, self.texts, self._stop_event = path, [], threading.Event()
+
+    def run(self):
+        last = ""
+        while True:
+            final = self._stop_event.is_set()
+            try:
+                text = self.path.read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            if text and not last.startswith(text):  # else: nothing new, or a new attempt not yet told apart
+                if self.texts and text.startswith(last):
+                    self.texts[-1] = text
+                else:
+                    self.texts.append(text)
+                last = text
+            if final:
+                return
+            time.sleep(0.3)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
+
+
+def training_progress(text):
+    """(epoch resumed after or None, [epochs finished]) from a train log (tqdm's \\r lines split)."""
+    lines = text.replace("\r", "\n").splitlines()
+    resumed = [int(m[1]) for line in lines if (m := re.match(r"xe: resuming \S+ after epoch (\d+)$", line))]
+    assert len(resumed) <= 1, resumed
+    finished = [int(m[1]) for line in lines if (m := re.match(r"xe epoch (\d+)/\d+: loss", line))]
+    return (resumed[0] if resumed else None), finished
+
+
+def run_seconds(value):
+    """Seconds of a SLURM duration ([days-]hh:mm:ss)."""
+    days, _, hms = value.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return ((int(days) if days else 0) * 24 + h) * 3600 + m * 60 + s
+
+
+@pytest.mark.integration
+def test_timed_out_training_resumes_when_resubmitted(cluster, tmp_path):
+    """A train_xe job that outlasts its SLURM time limit is killed (TIMEOUT), Snakemake resubmits it
+    (retries), and the new job continues from the last finished epoch instead of starting over,
+    ending with the very weights an uninterrupted local run gives.
+
+    Known gap this test can run into (it then fails saying so): a job whose training ends after
+    its time limit but before slurmctld's next limit test exits 0 and is still recorded TIMEOUT.
+    Snakemake then deletes the published output as a failed job's, and the library has already
+    deleted the run files (checkpoint.finish), so the resubmitted job starts over."""
+    env, state = cluster
+    subprocess.run(["scontrol", "setdebug", "debug2"], env=env, check=True)  # log the time-limit tests
+    try:
+        _timed_out_training_resumes(env, state, tmp_path)
+    finally:
+        subprocess.run(["scontrol", "setdebug", "info"], env=env, check=False)
+
+
+def _timed_out_training_resumes(env, state, tmp_path):
+    on_slurm, local = tmp_path / "on_slurm", tmp_path / "local"
+    on_slurm.mkdir()
+    # The inputs, locally (they are not what this test is about); then how long an epoch takes.
+    write_config(on_slurm, {**RESUME, "train": {**RESUME["train"], "epochs": 1}})
+    smk(on_slurm, RESUME_TARGET, "--omit-from", "train_xe")
+    per_epoch = seconds_per_epoch(on_slurm, tmp_path)
+    epochs = max(4, round(RESUME_TRAIN_SECONDS / per_epoch))
+    write_config(on_slurm, {**RESUME, "train": {**RESUME["train"], "epochs": epochs}})
+    shutil.copytree(on_slurm, local, symlinks=True)  # the uninterrupted twin, same inputs
+
+    watch = AttemptLogs(on_slurm / RESUME_LOG)
+    watch.start()
+    phase = wait_for_phase(state, *LIMIT_CHECK_PHASE)
+    try:  # the profile's retries is 1; one more spares the test a slow moment
+        r = smk_slurm(on_slurm, env, RESUME_TARGET, retries=2, check=False)
+    finally:
+        watch.stop()
+    # The twin runs after, not beside: on a small machine a second training at the same time
+    # would make the job's epochs slower than measured, and by how much is anyone's guess.
+    smk(local, RESUME_TARGET)
+    out = r.stdout + r.stderr
+    about = (f"{epochs} epochs of {per_epoch:.1f} s, started {phase:.0f} s after a time-limit test; "
+             f"snakemake:\n{out[-4000:]}")
+
+    # SLURM's records: every sbatch job of the rule, in order; all but the last ran out of time.
+    ids = sorted((p.stem for p in (on_slurm / ".snakemake/slurm_logs/rule_train_xe").rglob("*.log")), key=int)
+    jobs = slurm_jobs(env)
+    comp = dict(re.findall(r"^JobId=(\d+) .*?JobState=(\w+)", (state / "jobcomp.log").read_text(), flags=re.M))
+    assert len(ids) >= 2, f"one sbatch job only: {[jobs[i] for i in ids]}\n{about}"
+    first = jobs[ids[0]]
+    assert (first["JobState"], first["Reason"], first["TimeLimit"]) == ("TIMEOUT", "TimeLimit", "00:01:00"), first
+    assert run_seconds(first["RunTime"]) >= 60, first
+    assert f"SLURM-job '{ids[0]}' failed, SLURM status is: 'TIMEOUT'" in out, about
+    states = [jobs[i]["JobState"] for i in ids]
+    assert states == ["TIMEOUT"] * (len(ids) - 1) + ["COMPLETED"], f"{dict(zip(ids, states))}\n{about}"
+    assert [comp.get(i) for i in ids] == states  # slurmctld's job completion log agrees
+    assert all(jobs[i]["Comment"].startswith("rule_train_xe") and jobs[i]["TimeLimit"] == "00:01:00" for i in ids)
+
+    # Each attempt's training log: the first trained from epoch 1; every later one resumed after the
+    # last epoch its predecessor finished (or the one before, had the kill come between that epoch's
+    # log line and its resume file), and the last one finished the run.
+    assert len(watch.texts) == len(ids), f"{len(watch.texts)} training logs seen for {len(ids)} jobs\n{about}"
+    progress = [training_progress(t) for t in watch.texts]
+    resumed, finished = progress[0]
+    assert resumed is None and finished and finished == list(range(1, len(finished) + 1)), progress[0]
+    done = finished[-1]
+    for n, (resumed, finished) in enumerate(progress[1:], 2):
+        if resumed is None and done == epochs:
+            job = jobs[ids[n - 2]]
+            pytest.fail(f"attempt {n - 1} (SLURM job {job['JobId']}, {job['RunTime']}) trained all {epochs} epochs "
+                        f"and published the output, yet ended after its time limit, so SLURM recorded {job['JobState']}; "
+                        f"Snakemake deleted the output as a failed job's, the run files were gone already, and attempt "
+                        f"{n} started over. Progress per attempt (resumed after, epochs finished): {progress}\n{about}")
+        assert resumed is not None, f"attempt {n} (SLURM job {ids[n - 1]}) started over: {progress}\n{about}"
+        assert done - 1 <= resumed <= done and resumed >= 1, (n, resumed, done, progress)
+        assert finished == list(range(resumed + 1, resumed + 1 + len(finished))), (n, resumed, finished)
+        done = finished[-1] if finished else resumed
+    assert done == epochs, progress
+    assert progress[-1][0] == training_progress((on_slurm / RESUME_LOG).read_text())[0]
+
+    # The same weights, metadata and per-epoch history as the uninterrupted run (seconds aside).
+    (a, meta_a), (b, meta_b) = load_tensors(on_slurm / RESUME_TARGET), load_tensors(local / RESUME_TARGET)
+    assert a.keys() == b.keys() and meta_a == meta_b
+    assert not [k for k in a if not torch.equal(a[k], b[k])], "the resumed run's weights differ"
+    ra, rb = (json.loads((w / f"{RESUME_LOG}.json").read_text()) for w in (on_slurm, local))
+    hist = [[{k: v for k, v in row.items() if k != "seconds"} for row in rep["history"]] for rep in (ra, rb)]
+    assert hist[0] == hist[1] and len(hist[0]) == epochs
+    assert ra["best_epoch"] == rb["best_epoch"] == meta_a["epoch"]
+    # The run files are gone once the output is published.
+    assert not list((on_slurm / RESUME_TARGET).parent.glob("xe.safetensors.*"))
+    print(f"\n{epochs} epochs of {per_epoch:.1f} s, Snakemake started {phase:.0f} s after a time-limit test; "
+          f"SLURM jobs {dict(zip(ids, ((jobs[i]['JobState'], jobs[i]['RunTime']) for i in ids)))}; "
+          f"attempts resumed after epochs {[p[0] for p in progress[1:]]}, "
+          f"finished {[p[1][-1] if p[1] else None for p in progress]}; best epoch {meta_a['epoch']}")

@@ -57,11 +57,12 @@ def make_encoder(timm_name: str, img_size: int = 128, weights: str = "pretrain",
     return encoder, history
 
 
-def extract_dataset(encoder_path, prepared, out_h5, batch_size: int = 32, device: str = "auto") -> None:
-    """Write the features of every image of a prepared-captions directory, with the encoder saved
-    at ``encoder_path``, to ``out_h5`` (``features.extract_features``)."""
+def extract_dataset(encoder_path, prepared, out_h5, batch_size: int = 32, device: str = "auto",
+                    shard: tuple[int, int] | None = None) -> None:
+    """Write the features of every image of a prepared-captions directory (or of shard (i, n) of
+    them), with the encoder saved at ``encoder_path``, to ``out_h5`` (``features.extract_features``)."""
     from .features import extract_features
 
     images_json, image_root = _prepared_images(prepared)
     extract_features(load_encoder(encoder_path), images_json, image_root, out_h5, batch_size=batch_size,
-                     device=device)
+                     device=device, shard=shard)

@@ -12,7 +12,8 @@ the same at any temperature.
 The teacher is a trained decoder over a *different* encoder's features (e.g. ResNet-50 grids,
 2048-d, while the student sees MobileNetV3's 576-d) of the same images in the same order. It is
 frozen: eval mode (no dropout), no gradients; it only supplies targets. ``DistillStep`` is the
-training step; ``train_xe(teacher=..., teacher_features=...)`` runs it.
+training step; ``train_xe(teacher=..., teacher_features=...)`` runs it. The teacher's features
+come through the student's kind of feature store (``features``): streamed when the student's are.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..models import load_decoder, read_decoder_meta
-from .loader import CaptionData, read_h5, to_device
+from .features import open_features
+from .loader import CaptionData, to_device
 
 
 def token_mask(seq: torch.Tensor) -> torch.Tensor:
@@ -58,22 +60,20 @@ class Teacher:
 
     ``student_features`` only names the student's features file in error messages; the student's
     image ids come from ``data``. ``pin_memory``: as in ``loader.to_device`` (CUDA only).
+    The teacher's features are streamed when the student's are, else stored as ``features`` and
+    ``memory_limit_mb`` say (``features.open_features``); a step reads its batch's rows.
     """
 
     def __init__(self, checkpoint: str | Path, features_h5: str | Path, data: CaptionData,
                  student_features: str | Path = "the student's features", device: str = "cpu",
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, features: str = "auto", memory_limit_mb: float = 4000):
         checkpoint, features_h5 = Path(checkpoint), Path(features_h5)
-        feats = read_h5(features_h5, ("ids", "fc", "att"))
-        ids = feats["ids"].astype(np.int64)
-        if not np.array_equal(ids, data.ids):
+        self.features = open_features(features_h5, "stream" if data.features.streaming else features,
+                                      memory_limit_mb)
+        if not np.array_equal(self.features.ids, data.ids):
             raise UserError(f"{features_h5}: image ids differ from {student_features} (the teacher's and the "
                             "student's features must cover the same images in the same order)")
-        self.fc, self.att = torch.from_numpy(feats["fc"]), torch.from_numpy(feats["att"])
-        if self.fc.ndim != 2 or self.att.ndim != 3 or self.att.shape[2] != self.fc.shape[1]:
-            raise UserError(f"{features_h5}: expected fc [N, C] and att [N, HW, C], "
-                            f"got {tuple(self.fc.shape)} and {tuple(self.att.shape)}")
-        self.row = {int(i): r for r, i in enumerate(ids)}
+        self.row = {int(i): r for r, i in enumerate(data.ids)}
 
         meta = read_decoder_meta(checkpoint)
         with torch.random.fork_rng(devices=[]):  # building the module draws init weights: keep the caller's RNG
@@ -84,21 +84,24 @@ class Teacher:
                             f"{data.vocab_size}")
         if "itow" in meta and meta["itow"] != data.itow_json():
             raise UserError(f"{checkpoint}: the teacher's vocabulary differs from the prepared dataset's vocab.json")
-        if cfg["feat_dim"] != self.fc.shape[1]:
+        if cfg["feat_dim"] != self.features.feat_dim:
             raise UserError(f"{checkpoint}: teacher expects {cfg['feat_dim']}-d features, "
-                            f"{features_h5} holds {self.fc.shape[1]}-d")
+                            f"{features_h5} holds {self.features.feat_dim}-d")
         self.device, self.pin_memory = device, pin_memory
 
     def fingerprint(self) -> str:
-        """A short hash of the teacher's pooled features: tells a resume file made with other ones."""
-        return hashlib.sha1(np.ascontiguousarray(self.fc.numpy()).tobytes()).hexdigest()[:16]
+        """A short hash of the teacher's pooled features: tells a resume file made with other ones.
+        Hashed a block at a time: the same hash as one whole array."""
+        h = hashlib.sha1()
+        for block in self.features.fc_blocks():
+            h.update(np.ascontiguousarray(block).tobytes())
+        return h.hexdigest()[:16]
 
     @torch.no_grad()
     def logprobs(self, ids: list[int], seq: torch.Tensor) -> torch.Tensor:
         """Teacher-forced log-probabilities [R, T+1, V+1] for a batch's image ids and its captions ``seq``."""
-        r = torch.tensor([self.row[int(i)] for i in ids])
-        fc = to_device(self.fc[r].float(), self.device, self.pin_memory)
-        att = to_device(self.att[r].float(), self.device, self.pin_memory)
+        fc, att = self.features.read(np.array([self.row[int(i)] for i in ids], dtype=np.int64))
+        fc, att = to_device(fc, self.device, self.pin_memory), to_device(att, self.device, self.pin_memory)
         return self.decoder(fc, att, seq.to(self.device))
 
 

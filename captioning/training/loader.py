@@ -1,4 +1,4 @@
-"""Encoder features + prepared captions, held in memory and served as shuffled batches per split.
+"""Encoder features + prepared captions, served as shuffled batches per split.
 
 Inputs (written by earlier stages):
 
@@ -7,9 +7,13 @@ Inputs (written by earlier stages):
   ("labels" int32 [n_caps, L] 0-padded; "label_start_ix"/"label_end_ix" int64 [N], 0-based,
   end-exclusive), ``vocab.json`` {"itow": {"1": word, ...}, "max_length"}, ``refs_{val,test}.json`` (COCO format).
 
-The datasets this project trains on are small (thousands of images), so everything is read
-once: features stay float16 in memory and become float32 one batch at a time. As in the
-reference loader, each image contributes ``seq_per_img`` captions to a batch (a random
+Captions, ids and splits are small and held in memory. Features are served by a store
+(``features``): read whole into memory for small datasets, or streamed from the file batch by
+batch, in worker processes, when they would not fit (COCO's 7x7x2048 grids are about 25 GB).
+Either way they become float32 one batch at a time, and a batch is the same in both modes: all
+randomness (shuffling, caption choice) is drawn here, in the main process, in the same order.
+
+As in the reference loader, each image contributes ``seq_per_img`` captions to a batch (a random
 contiguous window of its captions, or a draw with replacement when it has fewer), and
 Karpathy's "restval" images count as training images. ``to_device`` moves a batch to the
 training device, through pinned memory on request.
@@ -25,6 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..io import read_json
+from .features import H5Features, MemoryFeatures, open_features
 
 TRAIN_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -69,11 +74,16 @@ def read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 class CaptionData:
-    """All features and captions of one dataset; ``batches(split, ...)`` yields ``Batch``es."""
+    """One dataset's features and captions; ``batches(split, ...)`` yields ``Batch``es.
 
-    def __init__(self, features_h5: str | Path, prepared_dir: str | Path, seq_per_img: int = 5):
+    ``features``: "memory", "stream" or "auto" (stream a file larger than ``memory_limit_mb`` MiB);
+    see ``features.open_features``. ``workers``: reader processes when streaming (0: read in this one).
+    """
+
+    def __init__(self, features_h5: str | Path, prepared_dir: str | Path, seq_per_img: int = 5,
+                 features: str = "memory", memory_limit_mb: float = 4000, workers: int = 0):
         features_h5, prepared_dir = Path(features_h5), Path(prepared_dir)
-        self.seq_per_img = int(seq_per_img)
+        self.seq_per_img, self.workers = int(seq_per_img), max(int(workers), 0)
 
         images = read_json(prepared_dir / "images.json")
         vocab = read_json(prepared_dir / "vocab.json")
@@ -85,16 +95,12 @@ class CaptionData:
             raise UserError(f"{prepared_dir}: malformed images.json or vocab.json ({e!r})") from None
         self.vocab_size = max(self.itow, default=0)
 
-        feats = read_h5(features_h5, ("ids", "fc", "att"))
-        if not np.array_equal(feats["ids"].astype(np.int64), self.ids):
+        self.features: MemoryFeatures | H5Features = open_features(features_h5, features, memory_limit_mb,
+                                                                   self.workers)
+        if not np.array_equal(self.features.ids, self.ids):
             raise UserError(f"{features_h5}: image ids differ from {prepared_dir / 'images.json'} "
                             "(features must be extracted from the same prepared dataset, same order)")
-        self.fc = torch.from_numpy(feats["fc"])
-        self.att = torch.from_numpy(feats["att"])
-        if self.fc.ndim != 2 or self.att.ndim != 3 or self.att.shape[2] != self.fc.shape[1]:
-            raise UserError(f"{features_h5}: expected fc [N, C] and att [N, HW, C], "
-                            f"got {tuple(self.fc.shape)} and {tuple(self.att.shape)}")
-        self.feat_dim = int(self.fc.shape[1])
+        self.feat_dim = self.features.feat_dim
 
         lab_path = prepared_dir / "labels.h5"
         lab = read_h5(lab_path, ("labels", "label_start_ix", "label_end_ix"))
@@ -109,16 +115,33 @@ class CaptionData:
         # captions were truncated to this many words when prepared: decode no longer than that
         self.max_length = int(vocab.get("max_length") or self.labels.shape[1])
 
+    @property
+    def fc(self) -> torch.Tensor:
+        """All pooled features [N, C], float16: in-memory store only (a streaming one reads by rows)."""
+        return self.features.fc
+
+    @property
+    def att(self) -> torch.Tensor:
+        """All grid features [N, HW, C], float16: in-memory store only."""
+        return self.features.att
+
     def itow_json(self) -> dict[str, str]:
         """The vocabulary as checkpoints record it (JSON keys are strings)."""
         return {str(k): w for k, w in sorted(self.itow.items())}
 
     def fingerprint(self) -> str:
-        """A short hash of ids, fc features and captions: tells a resume file made from other data."""
+        """A short hash of ids, fc features and captions: tells a resume file made from other data.
+
+        fc is hashed a block at a time (the same bytes in the same order, so the same hash as one
+        whole array), which works for a streaming store too. The store itself is not hashed: a
+        resumed run may read its features another way.
+        """
         import hashlib
 
-        h = hashlib.sha1()
-        for a in (self.ids, self.fc.numpy(), self.labels.numpy(), self.start, self.end):
+        h = hashlib.sha1(np.ascontiguousarray(self.ids).tobytes())
+        for block in self.features.fc_blocks():
+            h.update(np.ascontiguousarray(block).tobytes())
+        for a in (self.labels.numpy(), self.start, self.end):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
 
@@ -130,14 +153,15 @@ class CaptionData:
 
     def batches(self, split: str, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None, with_labels: bool = True) -> Iterator[Batch]:
-        """One pass over a split. Shuffling and caption choice draw only from ``generator``."""
+        """One pass over a split. Shuffling and caption choice draw only from ``generator``, here, in
+        batch order; the feature store only reads the rows it is given (maybe ahead, in workers)."""
         rows = self.index(split)
         if shuffle:
             rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
-        for i in range(0, len(rows), batch_size):
-            r = rows[i:i + batch_size]
+        row_batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        for r, (fc, att) in zip(row_batches, self.features.reads(row_batches, self.workers)):
             labels = self._pick_captions(r, generator) if with_labels else torch.zeros(0, 0, dtype=torch.long)
-            yield Batch(ids=self.ids[r].tolist(), fc=self.fc[r].float(), att=self.att[r].float(), labels=labels)
+            yield Batch(ids=self.ids[r].tolist(), fc=fc, att=att, labels=labels)
 
     def num_batches(self, split: str, batch_size: int) -> int:
         return -(-len(self.index(split)) // batch_size)

@@ -75,9 +75,15 @@ def trim_padding(seq: torch.Tensor) -> torch.Tensor:
     return seq[:, :max(n, 1)]
 
 
-def open_data(features_h5, prepared_dir, seq_per_img: int) -> CaptionData:
-    """The training data; a run needs images to train on and to validate with."""
-    data = CaptionData(features_h5, prepared_dir, seq_per_img)
+def open_data(features_h5, prepared_dir, seq_per_img: int, features: str = "auto", memory_limit_mb: int = 4000,
+              workers: int = 2) -> CaptionData:
+    """The training data; a run needs images to train on and to validate with.
+
+    ``features`` ("auto", "memory", "stream"), ``memory_limit_mb`` and ``workers``: how features are
+    read (``loader.CaptionData``); the choice is logged on stderr. They are not training settings:
+    batches are the same either way, so a resumed run may read another way.
+    """
+    data = CaptionData(features_h5, prepared_dir, seq_per_img, features, memory_limit_mb, workers)
     if len(data.index("train")) == 0 or len(data.index("val")) == 0:
         raise UserError(f"{Path(prepared_dir) / 'images.json'}: needs images in both the train and val splits")
     return data

@@ -120,13 +120,14 @@ class SCSTStep:
 def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, batch_size: int = 50,
                lr: float = 2e-5, sample_n: int = 5, baseline: str = "greedy", max_length: int | None = None,
                seed: int = 0, device: str = "auto", log_json=None, grad_clip: float = 0.1, keep_zeros: bool = True,
-               keep_resume: bool = False, progress: bool = True, amp: bool = False, pin_memory: bool = False) -> dict:
+               keep_resume: bool = False, progress: bool = True, amp: bool = False, pin_memory: bool = False,
+               features: str = "auto", memory_limit_mb: int = 4000, workers: int = 2) -> dict:
     """Fine-tune the decoder at ``init_from`` with SCST; write its best val CIDEr-D epoch to ``out_path``.
 
     Returns ``loop.fit``'s report plus "init_val_cider" (the starting checkpoint's own recorded val
     score, if any); history rows hold "loss", "reward" (mean sampled reward), "baseline" (mean
     baseline) and, when ``keep_zeros`` holds zeros, "sparsity". ``max_length`` defaults to the prepared data's.
-    ``keep_resume``, ``amp``, ``pin_memory``: as in ``train_xe``.
+    ``keep_resume``, ``amp``, ``pin_memory``, ``features``, ``memory_limit_mb``, ``workers``: as in ``train_xe``.
     """
     if baseline not in BASELINES:
         raise UserError(f"unknown SCST baseline {baseline!r}; known: {', '.join(BASELINES)}")
@@ -134,7 +135,7 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
         raise UserError(f"sample_n {sample_n}: need at least {2 if baseline == 'mean' else 1} samples per image"
                         + (" for the 'mean' baseline" if baseline == "mean" else ""))
     device = pick_device(device)
-    data = open_data(features_h5, prepared_dir, seq_per_img=1)
+    data = open_data(features_h5, prepared_dir, 1, features, memory_limit_mb, workers)
     max_length = max_length or data.max_length
     scorer = CiderD(train_references(data))
 

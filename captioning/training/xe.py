@@ -68,7 +68,8 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
              keep_resume: bool = False, progress: bool = True, init_from: str | Path | None = None,
              pruner=None, stage: str = "xe", teacher: str | Path | None = None,
              teacher_features: str | Path | None = None, kd_weight: float = 0.5, kd_temperature: float = 1.0,
-             amp: bool = False, pin_memory: bool = False, patience: int | None = None) -> dict:
+             amp: bool = False, pin_memory: bool = False, patience: int | None = None,
+             features: str = "auto", memory_limit_mb: int = 4000, workers: int = 2) -> dict:
     """Train a decoder with cross-entropy; write the best val CIDEr-D epoch to ``out_path`` at the end.
 
     Returns ``loop.fit``'s report; history rows hold "loss" (plus "kd_loss" with a teacher and
@@ -86,6 +87,9 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
     asynchronous host-to-GPU copies (``loader.to_device``). Both are no-ops on a CPU; set, they
     enter the settings and the checkpoint's metadata.
 
+    ``features`` ("auto", "memory", "stream"), ``memory_limit_mb``, ``workers``: how features are
+    read (``loop.open_data``); not settings, since batches are the same either way.
+
     ``patience``: stop once that many epochs in a row did not raise val CIDEr-D (``epochs`` is then
     the most it trains), so a reference is trained to its plateau.
 
@@ -99,7 +103,7 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
     clash = sorted({"name", "vocab_size", "feat_dim"} & set(decoder_cfg))
     if clash:
         raise UserError(f"decoder config: {', '.join(clash)} come from the data and the decoder name; remove them")
-    data = open_data(features_h5, prepared_dir, seq_per_img)
+    data = open_data(features_h5, prepared_dir, seq_per_img, features, memory_limit_mb, workers)
     max_length = max_length or data.max_length
     kd = None
     if teacher is not None or teacher_features is not None:
@@ -107,7 +111,7 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
             raise UserError("knowledge distillation needs both a teacher checkpoint and the teacher's features file")
         if not 0 <= kd_weight <= 1 or kd_temperature <= 0:
             raise UserError(f"kd_weight must be in [0, 1] and kd_temperature > 0, got {kd_weight} and {kd_temperature}")
-        kd = Teacher(teacher, teacher_features, data, features_h5, device, pin_memory)
+        kd = Teacher(teacher, teacher_features, data, features_h5, device, pin_memory, features, memory_limit_mb)
 
     seed_everything(seed)
     if init_from is not None:

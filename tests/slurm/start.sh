@@ -102,10 +102,21 @@ DefMemPerCPU=1024
 ReturnToService=2
 # Keep finished jobs in scontrol show job for an hour, so a test can inspect them.
 MinJobAge=3600
+# Time limits as tests need them: a job is stopped at its limit (no grace minutes), and one that
+# ignores SIGTERM is killed 5 s later (not 30), so a test of a timed-out job waits less.
+# (slurmctld itself looks at time limits about every 30 s.)
+OverTimeLimit=0
+KillWait=5
 SlurmdTimeout=60
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+
+# Another SLURM on this machine (a cluster another test run started, say) holds the ports: ours
+# would not start, and every client here would quietly reach that one instead.
+if scontrol ping >/dev/null 2>&1; then
+    die "a SLURM controller already answers on this machine (port 6817): another cluster is running here; stop it first"
+fi
 
 # The default place, for clients that do not see SLURM_CONF (see the top of this file).
 ETC_CONF=/etc/slurm/slurm.conf
@@ -147,13 +158,13 @@ start slurmd slurmd -D -f "$SLURM_CONF"
 
 # --- 5. wait for the node ----------------------------------------------------------------
 for _ in $(seq "$TIMEOUT"); do
+    for d in slurmctld slurmd; do
+        alive $d || die "$d exited (another SLURM on ports 6817/6818?): see $DIR/$d.out and $DIR/$d.log"
+    done
     if node_idle; then
         echo "start.sh: cluster up: node $NODE, $CPUS CPUs, $MEM MB, partition $PARTITION (SLURM_CONF=$SLURM_CONF)"
         exit 0
     fi
-    for d in slurmctld slurmd; do
-        alive $d || die "$d exited (another SLURM on ports 6817/6818?): see $DIR/$d.out and $DIR/$d.log"
-    done
     sleep 1
 done
 die "node $NODE not idle after ${TIMEOUT}s: $(sinfo -h -N -o '%N %t %E' 2>&1); see $DIR/slurmd.log"

@@ -42,8 +42,22 @@ def as_json(obj):
 
 
 def gpu_opts():
-    """The training options that matter only on CUDA, shared by every training rule."""
-    return {k: config["train"][k] for k in ("amp", "pin_memory")}
+    """The training options shared by every training step: CUDA-only ones, and how features are read."""
+    return {k: config["train"][k] for k in ("amp", "pin_memory", "features", "memory_limit_mb", "workers")}
+
+
+def job(name, key):
+    """A rule's mem_mb or runtime from the config's resources section (training memory follows
+    train.memory_limit_mb, the most a job reads into memory; score's time follows the variant count)."""
+    value = config["resources"][name][key]
+    if value is not None:
+        return value
+    if name == "score":
+        spice = config["evaluate"]["spice"]
+        if key == "mem_mb":
+            return 10000 if spice == "on" else 4000
+        return lambda wc, input: 30 + (3 if spice != "off" else 1) * len(input.captions)
+    return config["train"]["memory_limit_mb"] + 4000
 
 
 def encoder_cfg(wc):

@@ -28,8 +28,8 @@ rule prune_finetune:
     priority: 1
     threads: config["train"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=job("prune_finetune", "mem_mb"),
+        runtime=job("prune_finetune", "runtime"),
         gpu=GPU,
     shell:
         "{params.cli} prune --decoder {input.decoder} --features {input.features} --prepared {params.prep}"

@@ -21,8 +21,8 @@ rule synthetic_dataset:
         "../envs/captioning.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=30,
+        mem_mb=job("synthetic_dataset", "mem_mb"),
+        runtime=job("synthetic_dataset", "runtime"),
     shell:
         "{params.cli} synth --out {params.out} --n-train {params.s[n_train]} --n-val {params.s[n_val]}"
         " --n-test {params.s[n_test]} --img-size {params.s[img_size]} --seed {params.seed} > {log} 2>&1"
@@ -54,8 +54,8 @@ rule prepare_captions:
         "../envs/captioning.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=job("prepare_captions", "mem_mb"),
+        runtime=job("prepare_captions", "runtime"),
     shell:
         "{params.cli} prepare --dataset-json {input.json} --image-root {params.root} --out {params.out}"
         " --word-count-threshold {params.threshold} --max-length {params.max_length} > {log} 2>&1"

@@ -29,9 +29,8 @@ rule score:
     # variant changed costs one start-up and that variant's scoring.
     threads: 1
     resources:
-        # SPICE (spice on, or auto with its jars present) runs java with -Xmx8G, minutes per variant
-        mem_mb=10000 if config["evaluate"]["spice"] == "on" else 4000,
-        runtime=lambda wc, input: 30 + (3 if config["evaluate"]["spice"] != "off" else 1) * len(input.captions),
+        mem_mb=job("score", "mem_mb"),
+        runtime=job("score", "runtime"),
     shell:
         "{params.cli} score --refs {input.refs} --eval-dirs {params.dirs} --cache {params.cache}"
         " --spice {params.spice} > {log} 2>&1"
@@ -60,8 +59,8 @@ rule latency:
     # times every artifact back to back, so the rows compare.
     threads: workflow.cores
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=job("latency", "mem_mb"),
+        runtime=job("latency", "runtime"),
     shell:
         "{params.cli} latency --models {input.models} --prepared {params.prep} --images {params.e[latency_images]}"
         " --beam-size {params.e[beam_size]} --threads {params.e[threads]} --out {output} > {log} 2>&1"
@@ -89,8 +88,8 @@ rule table:
         "../envs/captioning.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=job("table", "mem_mb"),
+        runtime=job("table", "runtime"),
     shell:
         "{params.cli} table --metrics {input.metrics} --latency {input.latency} --baselines {params.baseline}"
         " --out-dir results > {log} 2>&1"

@@ -33,8 +33,8 @@ rule pack:
         "../envs/captioning.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=job("pack", "mem_mb"),
+        runtime=job("pack", "runtime"),
     shell:
         "{params.cli} pack --encoder {input.encoder} --decoder {input.decoder} --prepared {params.prep}"
         " --quantization {params.mode} --runtime {params.runtime} --calibration-images {params.calibration}"

@@ -30,8 +30,8 @@ rule train_xe:
     priority: 2
     threads: config["train"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=job("train_xe", "mem_mb"),
+        runtime=job("train_xe", "runtime"),
         gpu=GPU,
     shell:
         "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"
@@ -66,8 +66,8 @@ rule train_scst:
     priority: 1
     threads: config["train"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=job("train_scst", "mem_mb"),
+        runtime=job("train_scst", "runtime"),
         gpu=GPU,
     shell:
         "{params.cli} scst --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
@@ -107,8 +107,8 @@ rule train_kd:
     priority: 1
     threads: config["train"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=job("train_kd", "mem_mb"),
+        runtime=job("train_kd", "runtime"),
         gpu=GPU,
     shell:
         "{params.cli} train --features {input.features} --prepared {params.prep} --decoder {params.arch}"

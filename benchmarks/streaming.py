@@ -2,16 +2,18 @@
 
 Makes feature files with COCO's per-image shape (att 7x7x2048 float16, fc 2048 float16, about
 200 KB per image) at two sizes plus matching prepared captions, and in a fresh process for each
-(``--repeat`` times, the fastest counted: the CPU may be shared) trains an epoch slice
-(``--steps`` steps of a small Up-Down decoder, batch 50) in stream mode.
+trains an epoch slice (``--steps`` steps of a small Up-Down decoder, batch 50) in stream mode.
 Prints each run's peak RSS (the training process, and its largest child: a reader process) and
 steps/s, then the same for the in-memory path (and streaming) on a file that fits, and the ratios
-the goal is stated in:
-peak RSS flat (within 10%) between the sizes and under 4 GB, stream throughput >= 80% of memory.
+the goal is stated in: peak RSS flat (within 10%) between the sizes and under 4 GB, stream
+throughput >= 80% of memory.
 
 Before each stream run the file's pages are dropped from the page cache (``posix_fadvise``), so
 reads come from disk, as they would for a dataset larger than RAM (``--warm`` keeps the cache).
-Files go to ``--dir`` (default /tmp) and are deleted after their runs; free space is checked first.
+Runs go in rounds (``--repeat``) over all configurations, so that each sees the same share of
+a shared CPU's load; the fastest run of each counts. Reader processes start as copies of the
+training process at each epoch's start, so their RSS follows the trainer's at that moment.
+Files go to ``--dir`` (default /tmp) and are deleted at the end; free space is checked first.
 
     .venv/bin/python benchmarks/streaming.py [--sizes 10000 40000] [--memory-size 2000] [--steps 200]
 """
@@ -161,44 +163,44 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true", help="keep the file in the page cache for stream runs")
     a = ap.parse_args()
 
-    need = file_bytes(max(a.sizes + [a.memory_size]), *COCO_SHAPE)
+    need = sum(file_bytes(n, *COCO_SHAPE) for n in a.sizes + [a.memory_size])
     free = shutil.disk_usage(a.dir).free
     if need > 0.8 * free:
-        raise SystemExit(f"{a.dir}: {free / 1e9:.1f} GB free, the largest file needs {need / 1e9:.1f} GB; "
-                         "pass smaller --sizes")
+        raise SystemExit(f"{a.dir}: {free / 1e9:.1f} GB free, the files need {need / 1e9:.1f} GB; pass smaller --sizes")
     print(f"COCO-shaped features (att {COCO_SHAPE[0]}x{COCO_SHAPE[1]} + fc, float16, "
           f"{file_bytes(1, *COCO_SHAPE) / 1e3:.0f} KB/image); Up-Down {DECODER}, batch {a.batch_size}, "
           f"{a.steps} steps, {os.cpu_count()} CPUs, torch threads default; stream: {a.workers} readers, "
-          f"{'warm' if a.warm else 'cold'} page cache")
-    rows = []
-    for n, modes in [(a.memory_size, ("memory", "stream"))] + [(n, ("stream",)) for n in a.sizes]:
-        with tempfile.TemporaryDirectory(dir=a.dir, prefix="streaming-bench-") as tmp:
+          f"{'warm' if a.warm else 'cold'} page cache; {a.repeat} rounds over all runs")
+    configs = [(a.memory_size, "memory"), (a.memory_size, "stream")] + [(n, "stream") for n in a.sizes]
+    with tempfile.TemporaryDirectory(dir=a.dir, prefix="streaming-bench-") as tmp:
+        files = {}
+        for n in dict.fromkeys(n for n, _ in configs):
             t0 = time.perf_counter()
-            feats, prep = make_dataset(Path(tmp), n)
-            made = time.perf_counter() - t0
-            for mode in modes:
-                runs = []
-                for _ in range(a.repeat):  # the CPU may be shared: the best run is the least disturbed
-                    runs.append(measure(feats, prep, mode, a.workers if mode == "stream" else 0, a.steps,
-                                        a.batch_size, cold=mode == "stream" and not a.warm))
-                r = {"n": n, "mode": mode, "gb": feats.stat().st_size / 1e9,
-                     "steps_per_s": max(x["steps_per_s"] for x in runs),
-                     "rss_mb": max(x["rss_mb"] for x in runs), "child_rss_mb": max(x["reader_rss_mb"] for x in runs)}
-                rows.append(r)
-                each = ", ".join(f"{x['steps_per_s']:.2f}" for x in runs)
-                print(f"{mode:6s} {n:6d} images {r['gb']:5.2f} GB (made in {made:3.0f} s): "
-                      f"{r['steps_per_s']:5.2f} steps/s (runs: {each}), "
-                      f"peak RSS {r['rss_mb']:5.0f} MB, largest child process {r['child_rss_mb']:5.0f} MB", flush=True)
-    mem, same = rows[0], rows[1]
-    streamed = rows[2:]
+            files[n] = make_dataset(Path(tmp) / str(n), n)
+            print(f"made {n} images: {files[n][0].stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+        runs: dict = {c: [] for c in configs}
+        for _ in range(a.repeat):  # rounds over all runs: each sees the same share of a shared CPU's load
+            for n, mode in configs:
+                runs[n, mode].append(measure(*files[n], mode, a.workers if mode == "stream" else 0, a.steps,
+                                             a.batch_size, cold=mode == "stream" and not a.warm))
+    rows = []
+    for (n, mode), rs in runs.items():
+        r = {"n": n, "mode": mode, "steps_per_s": max(x["steps_per_s"] for x in rs),
+             "rss_mb": max(x["rss_mb"] for x in rs), "child_rss_mb": max(x["reader_rss_mb"] for x in rs)}
+        rows.append(r)
+        each = ", ".join(f"{x['steps_per_s']:.2f}" for x in rs)
+        print(f"{mode:6s} {n:6d} images: {r['steps_per_s']:5.2f} steps/s (best of {each}), peak RSS "
+              f"{r['rss_mb']:5.0f} MB, largest child process {r['child_rss_mb']:5.0f} MB")
+    mem, same, streamed = rows[0], rows[1], rows[2:]
     small, big = streamed[0], streamed[-1]
     peak = max(max(r["rss_mb"], r["child_rss_mb"]) for r in streamed)
-    print(f"peak RSS {big['n']} vs {small['n']} images: main process {big['rss_mb'] / small['rss_mb']:.3f}x, "
-          f"largest child {big['child_rss_mb'] / small['child_rss_mb']:.3f}x; highest {peak:.0f} MB "
-          f"(goal: within 1.10x, under 4096 MB)")
+    print(f"peak RSS of training, {big['n']} vs {small['n']} images: {big['rss_mb'] / small['rss_mb']:.3f}x; "
+          f"highest process {peak:.0f} MB (goal: within 1.10x, under 4096 MB)")
     print(f"throughput stream / memory ({mem['n']} images in memory: {mem['steps_per_s']:.2f} steps/s): "
           + ", ".join(f"stream {r['n']} images {r['steps_per_s'] / mem['steps_per_s']:.2f}" for r in [same] + streamed)
           + " (goal >= 0.80)")
+
 
 if __name__ == "__main__":
     main()

@@ -46,7 +46,7 @@ def _close_all_before_fork() -> None:
 os.register_at_fork(before=_close_all_before_fork)
 
 
-def _open_h5(path: Path):
+def open_h5(path: Path):
     import h5py
 
     if not path.is_file():
@@ -76,7 +76,7 @@ class MemoryFeatures:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        with _open_h5(self.path) as f:
+        with open_h5(self.path) as f:
             _check_layout(self.path, f)
             try:
                 self.ids, fc, att = (f[k][()] for k in KEYS)
@@ -115,7 +115,7 @@ class H5Features:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._handle, self._pid, self._buffers = None, None, {}
-        with _open_h5(self.path) as f:
+        with open_h5(self.path) as f:
             self.feat_dim = _check_layout(self.path, f)[2]
             self.ids = f["ids"][()].astype(np.int64)
 
@@ -128,7 +128,7 @@ class H5Features:
     def _file(self):
         """This process's handle, opened on first use (one inherited through a fork is never used)."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = _open_h5(self.path), os.getpid()
+            self._handle, self._pid = open_h5(self.path), os.getpid()
             _open_stores.add(self)
         return self._handle
 
@@ -192,7 +192,7 @@ class H5Features:
 
     def fc_blocks(self, rows_per_block: int = 4096) -> Iterator[np.ndarray]:
         """fc in file order, a block of rows at a time (hashing it must not load it whole)."""
-        with _open_h5(self.path) as f:
+        with open_h5(self.path) as f:
             ds = f["fc"]
             for i in range(0, ds.shape[0], rows_per_block):
                 yield ds[i:i + rows_per_block]

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..io import read_json
-from .features import H5Features, MemoryFeatures, open_features
+from .features import H5Features, MemoryFeatures, open_h5, open_features
 
 TRAIN_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -59,18 +59,15 @@ def to_device(x: Batch | torch.Tensor, device: str | torch.device, pin_memory: b
 
 
 def read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    import h5py
-
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in keys if k not in f]
-            if missing:
-                raise UserError(f"{path}: missing dataset(s) {', '.join(missing)}")
+    """The named datasets of a small HDF5 file, whole (the labels); a ``UserError`` for a bad file."""
+    with open_h5(path) as f:
+        missing = [k for k in keys if k not in f]
+        if missing:
+            raise UserError(f"{path}: missing dataset(s) {', '.join(missing)}")
+        try:
             return {k: f[k][()] for k in keys}
-    except OSError as e:
-        raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+        except OSError as e:
+            raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
 
 
 class CaptionData:

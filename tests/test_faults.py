@@ -105,7 +105,8 @@ def test_train_xe_killed_after_an_epoch_resumes_to_the_same_weights(tmp_path, ca
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in res["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in ref["history"]]
     assert res["best_epoch"] == ref["best_epoch"] and _same_weights(out, full)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["xe.safetensors"]  # run files cleaned up
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, resume.name, best.name])  # no temp files
+    assert load_tensors(resume)[0] == {} and os.path.samefile(out, best)  # a finished record, no copy
 
 
 def test_resume_needs_the_matching_best_checkpoint(tmp_path, capfd):
@@ -135,7 +136,31 @@ def test_resume_needs_the_matching_best_checkpoint(tmp_path, capfd):
     capfd.readouterr()
     train_xe(feats, prep, out, "updown", TINY_DECODER, epochs=3, **KW)
     assert f"({best} is gone); starting over" in capfd.readouterr().err
-    assert _same_weights(out, full) and not resume.exists() and not best.exists()
+    assert _same_weights(out, full) and read_decoder_meta(resume)["finished"]
+
+
+def test_a_finished_run_whose_output_is_deleted_publishes_it_again(tmp_path, capfd):
+    """SLURM may record a job that exited 0 as TIMEOUT; Snakemake then deletes the output and reruns it.
+
+    The rerun must not train from epoch 1: it finds the finished record and publishes the same file.
+    """
+    feats, prep = make_dataset(tmp_path)
+    out = tmp_path / "m" / "xe.safetensors"
+    ref = train_xe(feats, prep, out, "updown", TINY_DECODER, epochs=3, **KW)
+    blob = out.read_bytes()
+    out.unlink()
+    capfd.readouterr()
+    again = train_xe(feats, prep, out, "updown", TINY_DECODER, epochs=3, **KW)
+    assert f"xe: {out} finished after epoch 3 already; publishing it again" in capfd.readouterr().err
+    assert again["history"] == ref["history"] and again["best_epoch"] == ref["best_epoch"]  # no epoch was rerun
+    assert out.read_bytes() == blob
+
+    # a run asked for more epochs cannot continue from a record without weights: it starts over
+    out.unlink()
+    longer = train_xe(feats, prep, out, "updown", TINY_DECODER, epochs=4, **KW)
+    assert "(a finished run with {'epochs': 3, 'patience': None}, not {'epochs': 4, 'patience': None})" \
+        "; starting over" in capfd.readouterr().err
+    assert [h["epoch"] for h in longer["history"]] == [1, 2, 3, 4]
 
 
 def test_train_scst_resumes_after_its_output_was_deleted(tmp_path, capfd):
@@ -152,7 +177,7 @@ def test_train_scst_resumes_after_its_output_was_deleted(tmp_path, capfd):
     assert f"scst: resuming {out} after epoch 1" in capfd.readouterr().err
     assert [h["reward"] for h in res["history"]] == [h["reward"] for h in ref["history"]]
     assert _same_weights(out, full)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["scst.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(p.name for p in (out, *run_files(out)))
 
 
 # ---- the workflow: SIGKILL a training job, rerun Snakemake -----------------------------------------
@@ -253,7 +278,7 @@ def test_killed_training_job_resumes_when_snakemake_reruns(tmp_path, clean_runs)
     assert m.group(1) == XE_OUT and int(m.group(2)) == killed_at and "starting over" not in text
     history = json.loads((work / (TRAIN_LOG + ".json")).read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
-    assert not resume.exists() and not best.exists()
+    assert read_decoder_meta(resume)["finished"] and os.path.samefile(best, out)  # a record, no second copy
 
     df = pd.read_csv(work / "results/table.csv")
     assert list(df.columns) == COLUMNS and list(df["variant"]) == [VARIANT]

@@ -12,6 +12,7 @@ from captioning.io import load_tensors
 from captioning.models import load_decoder, read_decoder_meta, save_decoder
 from captioning.models.search import sample
 from captioning.training import CaptionData, train_xe
+from captioning.training.checkpoint import run_files
 from captioning.training.scst import leave_one_out_mean, scst_loss, train_references, train_scst
 
 from helpers import CAPS, TINY, make_dataset
@@ -110,7 +111,9 @@ def test_train_scst_writes_best_model_log_and_metadata(base, tmp_path, baseline)
     assert meta["feat_dim"] == xe_meta["feat_dim"] and meta["config"] == xe_meta["config"]
     assert meta["init_val_cider"] == xe_meta["val_cider"] == res["init_val_cider"]
     assert meta["init_from"]["path"] == str(xe) and len(meta["init_from"]["sha256"]) == 64
-    assert sorted(p.name for p in out.parent.iterdir()) == ["scst.json", "scst.safetensors"]  # no resume left
+    resume, best = run_files(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["scst.json", "scst.safetensors", best.name, resume.name]
+    assert load_tensors(resume)[0] == {}  # only a finished record is left
 
 
 def test_train_scst_is_deterministic_and_resumes_exactly(base, tmp_path):

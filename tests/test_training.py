@@ -1,5 +1,6 @@
 """Data source, loss, cross-entropy training, determinism and resuming, on a tiny fake dataset."""
 import json
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from captioning.io import load_tensors
 from captioning.models import create_decoder, load_decoder, read_decoder_meta
 from captioning.models.search import greedy
 from captioning.training import CaptionData, train_xe
+from captioning.training.checkpoint import run_files
 from captioning.training.loop import trim_padding
 from captioning.training.validate import cider_d, generate_captions, simple_tokenize
 from captioning.training.xe import lr_at, sequence_loss
@@ -151,8 +153,13 @@ def test_train_xe_writes_best_model_and_log(tmp_path):
     m = load_decoder(out)
     assert m.config == {"name": "updown", "vocab_size": len(WORDS), "feat_dim": C, **TINY,
                         "embed_rank": None, "factorize_logit": True, "tie_embeddings": False}
-    assert not (tmp_path / "m" / "xe.safetensors.resume.safetensors").exists()
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["xe.json", "xe.safetensors"]  # no temp files
+    # no temp files; the run files stay as a finished record and a second name of the output
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "xe.json", "xe.safetensors", "xe.safetensors.best.safetensors", "xe.safetensors.resume.safetensors"]
+    resume, best = run_files(out)
+    assert os.path.samefile(best, out)
+    tensors, record = load_tensors(resume)
+    assert tensors == {} and record["finished"] is True and record["history"] == hist
 
 
 def test_train_xe_learns_val_captions(tmp_path):

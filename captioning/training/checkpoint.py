@@ -5,7 +5,12 @@ declared output of a killed job before rerunning it, and because a file there mi
 done. Until then two undeclared siblings hold the run (``run_files``): after every epoch
 ``<out_path>.resume.safetensors`` gets the model, Adam's state, the epoch, the best score and the
 history, and ``<out_path>.best.safetensors`` the best epoch so far. A new call with the same
-settings continues from them. ``finish`` publishes the best file and deletes both siblings.
+settings continues from them.
+
+``finish`` publishes the best file as a hard link (no second copy on disk) and shrinks the resume
+file to a tensor-free "finished" record. Both stay: SLURM can record a job that exited 0 as TIMEOUT
+(it checks limits every 30 s), and Snakemake then deletes the output and reruns the job. The rerun
+finds the record and publishes the same file again instead of training from epoch 1.
 
 The resume file holds tensors only (model, optimizer moments, pruning masks) plus JSON metadata:
 nothing is pickled.
@@ -13,6 +18,7 @@ nothing is pickled.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -78,14 +84,18 @@ def load_resume(path: Path, decoder, optimizer, mask=None) -> dict:
     return meta
 
 
-def _resume_problem(meta: dict, settings: dict, best_path: Path) -> str | None:
+def _resume_problem(meta: dict, settings: dict, best_path: Path, stop: dict) -> str | None:
     """Why a resume file cannot be continued from, or None when it can.
 
     Besides the settings, the best checkpoint it names must still be there: a kill between
     writing the best file and the resume file leaves them one epoch apart, so the epochs must agree.
+    A finished record holds no weights to train on, so it is used only by a run that would stop
+    where it stopped: same ``stop`` (epochs, patience).
     """
     if meta.get("format") != RESUME_FORMAT or meta.get("settings") != settings:
         return "made with other settings"
+    if meta.get("finished") and meta.get("stop") != stop:
+        return f"a finished run with {meta.get('stop')}, not {stop}"
     best_epoch = int(meta.get("best_epoch") or 0)
     if best_epoch:
         if not best_path.is_file():
@@ -99,11 +109,13 @@ def _resume_problem(meta: dict, settings: dict, best_path: Path) -> str | None:
     return None
 
 
-def resume_if_possible(who: str, out_path: Path, settings: dict, decoder, optimizer, mp, mask=None) -> dict | None:
+def resume_if_possible(who: str, out_path: Path, settings: dict, stop: dict, decoder, optimizer, mp,
+                       mask=None) -> dict | None:
     """Load a matching resume file into decoder, optimizer, amp scaler (and ``mask``); return its metadata.
 
     None when there is nothing usable to resume from (a damaged or mismatched file says why on
-    stderr, and training starts over).
+    stderr, and training starts over). A finished record loads nothing: its metadata says the
+    run is over, and ``finish`` publishes its best file again.
     """
     resume_path, best_path = run_files(out_path)
     try:  # the metadata alone: the tensors are read only when the file is used
@@ -112,28 +124,38 @@ def resume_if_possible(who: str, out_path: Path, settings: dict, decoder, optimi
         meta = None  # a damaged resume file is ignored
     if meta is None:
         return None
-    problem = _resume_problem(meta, settings, best_path)
+    problem = _resume_problem(meta, settings, best_path, stop)
     if problem:
         print(f"{who}: ignoring {resume_path} ({problem}); starting over", file=sys.stderr)
         return None
+    if meta.get("finished"):
+        print(f"{who}: {out_path} finished after epoch {int(meta['epoch'])} already; publishing it again",
+              file=sys.stderr)
+        return meta
     meta = load_resume(resume_path, decoder, optimizer, mask)
     mp.load_state(meta.get("amp_scaler"), resume_path)
     print(f"{who}: resuming {out_path} after epoch {int(meta['epoch'])}", file=sys.stderr)
     return meta
 
 
-def finish(out_path: Path, best_epoch: int, keep_resume: bool) -> None:
-    """Publish the best checkpoint at ``out_path`` (atomically), then drop the run files unless kept.
+def finish(out_path: Path, best_epoch: int, keep_resume: bool, record: dict) -> None:
+    """Publish the best checkpoint at ``out_path`` (atomically); then, unless the run files are
+    kept whole, replace the resume file by a finished ``record`` (its metadata, no tensors).
 
-    Copy, not move: if a kill comes before the resume file is gone, the rerun still finds both.
+    The output is a hard link to the best file (a copy where links fail), so the best file stays
+    at no cost in disk; the resume file is replaced last, so a kill in between leaves a run that
+    resumes after its final epoch and finishes again.
     """
     resume_path, best_path = run_files(out_path)
     if best_epoch:
         with atomic_path(out_path) as tmp:
-            shutil.copyfile(best_path, tmp)
+            tmp.unlink()
+            try:
+                os.link(best_path, tmp)
+            except OSError:
+                shutil.copyfile(best_path, tmp)
     if not keep_resume:
-        resume_path.unlink(missing_ok=True)
-        best_path.unlink(missing_ok=True)
+        save_tensors(resume_path, {}, {**record, "format": RESUME_FORMAT, "finished": True})
 
 
 # ---- starting from a saved decoder -------------------------------------------------------------

@@ -106,7 +106,8 @@ def fit(run: Run, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer, dat
     """
     resume_path, best_path = run_files(run.out_path)
     start, history, best_cider, best_epoch = 0, [], float("-inf"), 0
-    resumed = resume_if_possible(run.stage, run.out_path, run.settings, decoder, optimizer, mp, mask)
+    stop = {"epochs": run.epochs, "patience": run.patience}
+    resumed = resume_if_possible(run.stage, run.out_path, run.settings, stop, decoder, optimizer, mp, mask)
     if resumed is not None:
         start, history = int(resumed["epoch"]), list(resumed["history"])
         best_cider, best_epoch = float(resumed["best_val_cider"]), int(resumed["best_epoch"])
@@ -175,7 +176,9 @@ def fit(run: Run, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer, dat
         if run.log_json:
             write_json(run.log_json, report())
 
-    finish(run.out_path, best_epoch, run.keep_resume)
+    finish(run.out_path, best_epoch, run.keep_resume, {
+        "settings": run.settings, "epoch": history[-1]["epoch"] if history else 0, "history": history,
+        "best_val_cider": best_cider, "best_epoch": best_epoch, "stop": stop})
     if run.log_json:
         write_json(run.log_json, report())
     return report()

@@ -58,10 +58,16 @@ class Captioner:
 
     @torch.no_grad()
     def caption_images(self, images: torch.Tensor, beam_size: int = 3) -> list[str]:
+        fc, att = self.encoder(images.to(self.device))
+        return self.caption_features(fc, att, beam_size)
+
+    @torch.no_grad()
+    def caption_features(self, fc: torch.Tensor, att: torch.Tensor, beam_size: int = 3) -> list[str]:
+        """Captions from the encoder's outputs (``evaluation.encoded`` caches them across variants)."""
         from .data.prepare import decode
         from .models.search import beam_search
 
-        fc, att = self.encoder(images.to(self.device))
+        fc, att = fc.to(self.device), att.to(self.device)
         try:
             seq = beam_search(self.decoder, fc, att, beam_size=beam_size, max_length=self.max_length)
         except RuntimeError as e:

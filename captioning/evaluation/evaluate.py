@@ -41,28 +41,37 @@ def count_params(captioner) -> tuple[int, int]:
 
 
 @model_work
-def _caption_split(cap, images, paths, split: str, beam_size: int, batch_size: int) -> list[dict]:
+def _caption_split(cap, images, paths, split: str, beam_size: int, batch_size: int, encoder_cache=None) -> list[dict]:
+    """COCO results for ``split``; a torch model's encoder outputs come through ``encoder_cache``."""
+    from .encoded import encoded_batches
+
     results = []
-    for i in tqdm(range(0, len(paths), batch_size), desc=f"caption {split}", unit="batch"):
-        caps = cap.caption_files(paths[i:i + batch_size], beam_size, batch_size)
-        results += [{"image_id": im["id"], "caption": c} for im, c in zip(images[i:i + batch_size], caps)]
+    steps = range(0, len(paths), batch_size)
+    if encoder_cache is not None and cap.runtime == "torch":
+        captions = (cap.caption_features(fc, att, beam_size)
+                    for fc, att in encoded_batches(cap, paths, batch_size, encoder_cache))
+    else:
+        captions = (cap.caption_files(paths[i:i + batch_size], beam_size, batch_size) for i in steps)
+    for i, caps in enumerate(tqdm(captions, total=len(steps), desc=f"caption {split}", unit="batch")):
+        results += [{"image_id": im["id"], "caption": c} for im, c in zip(images[steps[i]:steps[i] + batch_size], caps)]
     return results
 
 
 def caption_artifact(model, prepared, out_dir, split="test", beam_size=3, batch_size=16, latency_images=0,
-                     threads=1, device="cpu", meta=None) -> dict:
+                     threads=1, device="cpu", meta=None, encoder_cache=None) -> dict:
     """Caption ``split`` with the artifact ``model``: ``out_dir``/captions.json and variant.json.
 
     variant.json holds what the variant is (``meta``) and what it weighs: parameters, sparsity and
     size on disk. ``latency_images`` > 0 also times it (``threads`` CPU threads, on CPU); the
-    workflow leaves latency to ``measure_artifacts``.
+    workflow leaves latency to ``measure_artifacts``. ``encoder_cache``: a folder where variants
+    with identical encoders share its outputs (``encoded``); the captions are the same either way.
     """
     from ..captioner import load_captioner
 
     prepared, out_dir = Path(prepared), Path(out_dir)
     images, paths = split_images(prepared, split)
     cap = load_captioner(model, device=device)
-    results = _caption_split(cap, images, paths, split, beam_size, batch_size)
+    results = _caption_split(cap, images, paths, split, beam_size, batch_size, encoder_cache)
     params, nonzero = count_params(cap)
     latency = None
     if latency_images > 0:

@@ -25,6 +25,8 @@ rule pack:
         mode=lambda wc: variant_of(wc).quantization,
         runtime=lambda wc: variant_of(wc).runtime,
         calibration=calibration_images,
+        # variants with identical encoders (most of a family's) encode the test images once
+        encoded=f"{WORK}/encoded",
     log:
         f"logs/pack/{DS}-{{enc}}-{{dec}}-{{dstage}}-{{quant}}.log",
     benchmark:
@@ -39,4 +41,5 @@ rule pack:
         "{params.cli} pack --encoder {input.encoder} --decoder {input.decoder} --prepared {params.prep}"
         " --quantization {params.mode} --runtime {params.runtime} --calibration-images {params.calibration}"
         " --meta {params.meta:q} --out {output.model}"
-        " --caption-dir {params.out} --beam-size {params.beam} --device {params.device} > {log} 2>&1"
+        " --caption-dir {params.out} --encoder-cache {params.encoded} --beam-size {params.beam}"
+        " --device {params.device} > {log} 2>&1"

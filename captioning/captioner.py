@@ -21,7 +21,7 @@ from .encoders import create_encoder, load_encoder
 from .errors import UserError
 from .models import create_decoder, load_decoder
 from .timing import model_work
-from .utils import pick_device
+from .utils import caption_in_batches, pick_device
 
 
 class Captioner:
@@ -79,10 +79,7 @@ class Captioner:
         return [decode(self.itow, s) for s in seq.tolist()]
 
     def caption_files(self, paths, beam_size: int = 3, batch_size: int = 16) -> list[str]:
-        out = []
-        for i in range(0, len(paths), batch_size):
-            out += self.caption_images(self.images(paths[i:i + batch_size]), beam_size)
-        return out
+        return caption_in_batches(self, paths, beam_size, batch_size)
 
 
 def _build(encoder_config: dict, decoder_config: dict, groups, itow, max_length: int, mode: str,

@@ -151,10 +151,9 @@ class OrtCaptioner:
         return encoder_images(self.torch.encoder, paths)
 
     def caption_files(self, paths, beam_size: int = 3, batch_size: int = 16) -> list[str]:
-        out = []
-        for i in range(0, len(paths), batch_size):
-            out += self.caption_images(self.images(paths[i:i + batch_size]), beam_size)
-        return out
+        from ..utils import caption_in_batches
+
+        return caption_in_batches(self, paths, beam_size, batch_size)
 
     def state_groups(self) -> dict:
         """The weights as the artifact stores them (float view), as ``Captioner.state_groups``."""

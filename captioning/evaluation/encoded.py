@@ -9,7 +9,7 @@ A ``pack`` job therefore looks its encoder up by what determines its outputs, bi
   round differently in other batches);
 - the torch version.
 
-Outputs are kept in HDF5 in the encoder's own dtype, written batch by batch and read batch by batch, so memory
+Outputs are kept in HDF5 in the encoder's own dtype, written and read batch by batch, so memory
 stays one batch deep at COCO's 5,000 images, and the decoder sees exactly the tensors the encoder
 would give it again. A file that is unreadable or of the wrong shape is recomputed, never trusted.
 """

@@ -142,11 +142,11 @@ def test_default_grid():
     c = _config()
     variants = grid(c)
     names = [v.name for v in variants]
-    # xe rows: r50 x 3 families + mnv3s x updown + lite0 x 6 decoders = 10; compress: lite0 x 3 decoders x
-    # (xe + 5 global ratios + gradual0.9) x 3 quantizations = 63, less the 3 dense fp32 rows already there,
+    # xe rows: r50 x 3 families + lite0 x 6 decoders = 9; compress: lite0 x 3 decoders x
+    # (xe + 5 global ratios + gradual0.9) x 2 quantizations = 42, less the 3 dense fp32 rows already there,
     # plus 3 dense decoders x (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: updown_slim
     # kd (its xe row is there); scst: 3 decoders.
-    assert len(variants) == 10 + 60 + 6 + 3 + 1 + 3 == 83
+    assert len(variants) == 9 + 39 + 6 + 3 + 1 + 3 == 61
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))

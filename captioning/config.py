@@ -89,7 +89,11 @@ def config_problems(config: dict) -> list[str]:
             if name not in decoders:
                 problems.append(f"{key}: '{name}' is not one of the decoders ({', '.join(decoders)})")
     if config.get("baseline_encoder") in config.get("distill", {}).get("encoders", []):
-        problems.append("distill.encoders: the baseline encoder is the teacher; list only other encoders")
+        problems.append("distill.encoders: the baseline encoder trains no architecture variants to distil; "
+                        "list only other encoders")
+    teacher = config.get("distill", {}).get("teacher_encoder")
+    if teacher is not None and teacher not in encoders:
+        problems.append(f"distill.teacher_encoder: '{teacher}' is not one of the encoders ({', '.join(encoders)})")
     for name, enc in encoders.items():
         w = enc.get("weights", "pretrain")
         if w == "pretrain" and ds.get("kind") == "karpathy":

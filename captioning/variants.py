@@ -39,6 +39,14 @@ def decoder_family(config: dict, dec: str) -> str:
     return config["decoders"][dec].get("variant_of", dec)
 
 
+def kd_teacher(config: dict, enc: str, dec: str) -> Variant:
+    """The cross-entropy decoder that teaches student ``dec`` on encoder ``enc``: its family decoder on
+    ``distill.teacher_encoder``, or by default on the student's own encoder. A teacher should be the
+    family's strongest uncompressed model, its quality reference; on our data that is the small
+    encoder's, whose ImageNet weights beat the big encoder's in-domain pretraining."""
+    return Variant(config.get("distill", {}).get("teacher_encoder") or enc, decoder_family(config, dec))
+
+
 SEED_TAG = "_seed"
 ORT_TAG = "_ort"  # after the quantization: the variant runs on ONNX Runtime
 # The rows of uncompressed models (dense, cross-entropy): quality-reference candidates, and what

@@ -81,7 +81,9 @@ def test_stage_decoders_and_their_names_are_checked():
     c["scst"]["decoders"] = ["updown", "lstm"]
     c["encoders"]["lite0"]["decoders"] = ["gru"]
     c["decoders"]["aoanet_slim"]["arch"] = "updown"
+    c["distill"]["teacher_encoder"] = "vit"
     lines = config_problems(c)
+    assert any(line.startswith("distill.teacher_encoder: 'vit' is not one of the encoders") for line in lines)
     assert any(line.startswith("scst.decoders: 'lstm' is not one of the decoders") for line in lines)
     assert any(line.startswith("encoders.lite0.decoders: 'gru' is not one of the decoders") for line in lines)
     assert any(line.startswith("decoders.aoanet_slim.arch: a variant keeps its parent's arch") for line in lines)

@@ -207,6 +207,26 @@ def test_gradual_keeps_a_checkpoint_at_the_target(base, tmp_path):
     assert meta["sparsity"] == pytest.approx(0.8, abs=0.005) and meta["prune_method"] == "gradual"
 
 
+def test_finetune_distils_from_the_unpruned_decoder_with_masks_held(base, tmp_path):
+    feats, prep, ckpt = base
+    out = tmp_path / "kd.safetensors"
+    res = finetune_pruned(ckpt, feats, prep, out, "global", 0.8, epochs=2, lr=1e-2, kd_weight=0.5,
+                          kd_temperature=2.0, **FT)
+    # the teacher is the checkpoint just pruned, read over the student's own features
+    assert res["settings"]["kd"]["teacher_sha256"] == res["settings"]["init_from"]["sha256"]
+    assert res["settings"]["kd"]["kd_weight"] == 0.5 and res["settings"]["kd"]["kd_temperature"] == 2.0
+    assert all(h["kd_loss"] > 0 for h in res["history"])  # the pruned student differs from its dense self
+    meta = read_decoder_meta(out)
+    assert meta["teacher"]["path"] == str(ckpt) and meta["sparsity"] == pytest.approx(0.8, abs=0.005)
+    masks = make_masks(load_decoder(ckpt), "global", 0.8)
+    weights = dict(load_decoder(out).named_parameters())
+    assert all((weights[n][~keep] == 0).all() for n, keep in masks.items())
+    # without kd_weight nothing of this enters the run
+    plain = finetune_pruned(ckpt, feats, prep, tmp_path / "plain.safetensors", "global", 0.8, epochs=1,
+                            lr=1e-2, **FT)
+    assert "kd" not in plain["settings"] and "kd_loss" not in plain["history"][0]
+
+
 def test_ratio_zero_changes_nothing_structurally(base, tmp_path):
     feats, prep, ckpt = base
     out = tmp_path / "p0.safetensors"

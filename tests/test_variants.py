@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captioning.variants import Variant, baseline_variants, decoder_family, dstage_name, grid, parse_dstage
+from captioning.variants import Variant, baseline_variants, decoder_family, dstage_name, grid, kd_teacher, parse_dstage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +136,14 @@ def test_decoder_family_is_the_parent_of_a_variant():
     c = _config()
     assert decoder_family(c, "aoanet_slim") == "aoanet"
     assert decoder_family(c, "aoanet") == "aoanet"
+
+
+def test_kd_teacher_is_the_family_decoder_on_the_students_encoder_unless_told():
+    c = _config()
+    assert kd_teacher(c, "lite0", "updown_slim") == Variant("lite0", "updown")  # the default: own encoder
+    assert kd_teacher(c, "lite0", "aoanet") == Variant("lite0", "aoanet")
+    c["distill"]["teacher_encoder"] = "r50"
+    assert kd_teacher(c, "lite0", "updown_slim") == Variant("r50", "updown")  # the big-encoder teacher
 
 
 def test_default_grid():

@@ -7,7 +7,7 @@ from importlib.metadata import version
 
 sys.path.insert(0, workflow.basedir)  # the package, when the workflow runs from a checkout
 from captioning.config import gpu_jobs, validate_config  # noqa: E402
-from captioning.variants import Variant, baseline_variants, decoder_family, decoder_settings, grid  # noqa: E402
+from captioning.variants import Variant, baseline_variants, decoder_family, decoder_settings, grid, kd_teacher  # noqa: E402
 
 
 # The schema (one line naming the key for a bad value), its defaults filled into config, then the

@@ -77,11 +77,12 @@ rule train_scst:
 
 rule train_kd:
     message:
-        "Distilling decoder {wildcards.dec} on encoder {wildcards.enc} features from the baseline teacher"
+        "Distilling decoder {wildcards.dec} on encoder {wildcards.enc} features from its family's teacher"
     input:
-        # the teacher: the student's family decoder (itself, or what it is a variant of) on the big encoder
-        teacher=lambda wc: f"{WORK}/decoders/{config['baseline_encoder']}/{decoder_family(config, wc.dec)}/xe.safetensors",
-        teacher_features=f"{WORK}/features/{config['baseline_encoder']}.h5",
+        # the teacher: the student's family decoder (itself, or what it is a variant of), by cross-entropy
+        # on distill.teacher_encoder (default: the student's own encoder)
+        teacher=lambda wc: f"{WORK}/decoders/{kd_teacher(config, wc.enc, wc.dec).enc}/{decoder_family(config, wc.dec)}/xe.safetensors",
+        teacher_features=lambda wc: f"{WORK}/features/{kd_teacher(config, wc.enc, wc.dec).enc}.h5",
         features=rules.features.output,
         labels=rules.prepare_captions.output.labels,
         refs=rules.prepare_captions.output.refs_val,

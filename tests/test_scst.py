@@ -1,6 +1,7 @@
 """Self-critical training on the tiny fake dataset: reward, learning, baselines, determinism, zeros, resume."""
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from captioning.models import load_decoder, read_decoder_meta, save_decoder
 from captioning.models.search import sample
 from captioning.training import CaptionData, train_xe
 from captioning.training.checkpoint import run_files
-from captioning.training.scst import leave_one_out_mean, scst_loss, train_references, train_scst
+from captioning.training.amp import MixedPrecision
+import captioning.training.scst as scst_module
+from captioning.training.scst import SCSTStep, leave_one_out_mean, scst_loss, train_references, train_scst
 
 from helpers import CAPS, TINY, make_dataset
 
@@ -91,6 +94,42 @@ def test_scst_raises_the_expected_reward(base, tmp_path, baseline):
     after = expected_reward(after_model)
     assert after > before + 0.15, (before, after)
     assert len(res["history"]) == 20 and all(np.isfinite(h["loss"]) for h in res["history"])
+
+
+def test_sample_dropout_off_samples_the_test_time_model(base, monkeypatch):
+    """Off, a step samples exactly what the eval-mode decoder samples (same generator); on, dropout
+    changes the samples. Either way the decoder is left in train mode and gradients reach it."""
+    feats, prep, xe = base
+    data = CaptionData(feats, prep)
+    rows = data.index("train")
+    batch = SimpleNamespace(fc=data.fc[rows].float(), att=data.att[rows].float(), ids=data.ids[rows].tolist())
+    scorer = CiderD(train_references(data))
+    decoder = load_decoder(xe)
+    for m in decoder.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.9  # heavy dropout, so that on and off cannot sample alike by chance
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["seq"], lp = sample(*args, **kwargs)
+        return seen["seq"], lp
+    monkeypatch.setattr(scst_module, "sample", spy)
+
+    def step_samples(dropout):
+        step = SCSTStep(MixedPrecision(False, "cpu", "scst"), data, scorer, 6, "mean", 8, "cpu", dropout)
+        step.start_epoch(5)
+        decoder.zero_grad()
+        loss, _ = step(decoder.train(), batch)
+        loss.backward()
+        assert decoder.training  # back in train mode for the optimizer step
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
+        return seen["seq"]
+
+    with torch.no_grad():
+        expected, _ = sample(decoder.eval(), batch.fc, batch.att, 6, max_length=8,
+                             generator=torch.Generator().manual_seed(5 + 2))
+    assert torch.equal(step_samples(False), expected)
+    assert not torch.equal(step_samples(True), expected)
 
 
 @pytest.mark.parametrize("baseline", ["greedy", "mean"])

@@ -20,6 +20,10 @@ from all training references, which come from the prepared ``labels.h5`` (so the
 truncated and UNK-ed exactly as the model's own words). Captions are compared as words only,
 without an end-token symbol.
 
+``sample_dropout`` (default on, as the reference implementation samples) keeps dropout on while
+sampling. Off, the samples come from the model that will caption at test time, the one the
+greedy baseline decodes: with heavy dropout (Up-Down's 0.5) the two differ most.
+
 Everything else is the shared loop (``loop.fit``): Adam at a constant ``lr``, gradients clipped
 by value, greedy val CIDEr-D after each epoch, the best epoch kept, the same kill-safety and
 per-epoch seeding (sampling draws from its own generator, seeded from (seed, epoch) too).
@@ -89,9 +93,9 @@ class SCSTStep:
     with_labels = False
 
     def __init__(self, mp: MixedPrecision, data: CaptionData, scorer: CiderD, sample_n: int, baseline: str,
-                 max_length: int, device: str):
+                 max_length: int, device: str, sample_dropout: bool = True):
         self.mp, self.data, self.scorer, self.sample_n, self.baseline = mp, data, scorer, sample_n, baseline
-        self.max_length, self.device = max_length, device
+        self.max_length, self.device, self.sample_dropout = max_length, device, sample_dropout
         self.sampler: torch.Generator | None = None
 
     def start_epoch(self, epoch_seed: int) -> None:
@@ -105,8 +109,10 @@ class SCSTStep:
                 best_guess = self.data.decode(greedy(decoder, b.fc, b.att, self.max_length).cpu())
             decoder.train()
             base = np.repeat(self.scorer.scores(b.ids, best_guess), n)
+        decoder.train(self.sample_dropout)  # eval mode only switches dropout off: gradients still flow
         with self.mp.autocast():
             seq, logprobs = sample(decoder, b.fc, b.att, n, max_length=self.max_length, generator=self.sampler)
+        decoder.train()
         logprobs = logprobs.float()
         reward = self.scorer.scores(np.repeat(b.ids, n).tolist(), self.data.decode(seq.cpu()))
         if self.baseline == "mean":
@@ -121,7 +127,8 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
                lr: float = 2e-5, sample_n: int = 5, baseline: str = "greedy", max_length: int | None = None,
                seed: int = 0, device: str = "auto", log_json=None, grad_clip: float = 0.1, keep_zeros: bool = True,
                keep_resume: bool = False, progress: bool = True, amp: bool = False, pin_memory: bool = False,
-               features: str = "auto", memory_limit_mb: int = 4000, workers: int = 2) -> dict:
+               features: str = "auto", memory_limit_mb: int = 4000, workers: int = 2,
+               sample_dropout: bool = True) -> dict:
     """Fine-tune the decoder at ``init_from`` with SCST; write its best val CIDEr-D epoch to ``out_path``.
 
     Returns ``loop.fit``'s report plus "init_val_cider" (the starting checkpoint's own recorded val
@@ -154,6 +161,8 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
     }
     gpu_options = {k: True for k, v in (("amp", amp), ("pin_memory", pin_memory)) if v}
     settings.update(gpu_options)  # only when set, so existing resume files keep matching
+    if not sample_dropout:
+        settings["sample_dropout"] = False
 
     def checkpoint_meta(epoch: int, val_cider: float, sparsity: dict | None) -> dict:
         meta = {k: v for k, v in init_meta.items() if k not in ("format", "config", "amp", "pin_memory")}
@@ -168,6 +177,6 @@ def train_scst(init_from, features_h5, prepared_dir, out_path, epochs: int = 2, 
               seed=seed, lr_at=lambda epoch: lr, grad_clip=grad_clip, device=device, pin_memory=pin_memory,
               log_json=log_json, keep_resume=keep_resume, progress=progress,
               report_extra={"init_val_cider": init_meta.get("val_cider")})
-    step = SCSTStep(mp, data, scorer, sample_n, baseline, max_length, device)
+    step = SCSTStep(mp, data, scorer, sample_n, baseline, max_length, device, sample_dropout)
     validator = Validator(data, prepared_dir, 1, max_length, batch_size, device, pin_memory, progress)
     return fit(run, decoder, optimizer, data, step, validator, mp, mask, checkpoint_meta)

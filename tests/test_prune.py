@@ -227,6 +227,17 @@ def test_finetune_distils_from_the_unpruned_decoder_with_masks_held(base, tmp_pa
     assert "kd" not in plain["settings"] and "kd_loss" not in plain["history"][0]
 
 
+def test_gradual_with_a_shorter_schedule_recovers_at_the_target(base, tmp_path):
+    feats, prep, ckpt = base
+    res = finetune_pruned(ckpt, feats, prep, tmp_path / "g.safetensors", "gradual", 0.8, epochs=4, lr=1e-2,
+                          schedule_epochs=2, **FT)
+    sp = [h["sparsity"] for h in res["history"]]
+    assert sp[0] < 0.75 and sp[1:] == pytest.approx([0.8] * 3, abs=0.005)  # at the target from epoch 2 on
+    vals = [h["val_cider"] for h in res["history"]]
+    assert res["best_epoch"] in (2, 3, 4) and res["best_val_cider"] == max(vals[1:])  # the best of epochs 2-4
+    assert res["settings"]["pruner"]["schedule_epochs"] == 2
+
+
 def test_ratio_zero_changes_nothing_structurally(base, tmp_path):
     feats, prep, ckpt = base
     out = tmp_path / "p0.safetensors"

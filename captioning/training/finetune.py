@@ -10,13 +10,17 @@ from .xe import train_xe
 
 def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: str, ratio: float,
                     epochs: int = 2, lr: float = 1e-4, kd_weight: float = 0.0, kd_temperature: float = 2.0,
-                    **train_kwargs) -> dict:
+                    schedule_epochs: int | None = None, **train_kwargs) -> dict:
     """Prune ``decoder_ckpt`` with ``method`` at ``ratio`` and fine-tune it with XE, masks held.
 
     The decoder is rebuilt from the checkpoint's own config; ``train_kwargs`` go to ``train_xe``
     (``stage`` defaults to "prune", or "control" at ratio 0: the same fine-tuning with nothing pruned,
     the dense control of a pruning sweep). Returns ``train_xe``'s report; the kept checkpoint's
     metadata holds the measured sparsity.
+
+    ``schedule_epochs`` (default: ``epochs``) is how long ``gradual`` takes to reach ``ratio``; the
+    epochs after it fine-tune at ``ratio``, and the best of them is kept, so the model recovers at
+    its final sparsity instead of being kept the moment it gets there.
 
     ``kd_weight`` > 0 distils from ``decoder_ckpt`` itself, unpruned, over the same features: the
     pruned model learns back the word distributions it had before the cut, a teacher that costs no
@@ -28,4 +32,4 @@ def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: s
                             kd_temperature=kd_temperature)
     return train_xe(features_h5, prepared_dir, out_path, train_kwargs.pop("decoder_name", None),
                     train_kwargs.pop("decoder_cfg", None), epochs=epochs, lr=lr, init_from=decoder_ckpt,
-                    pruner=Pruner(method, ratio, epochs), **train_kwargs)
+                    pruner=Pruner(method, ratio, schedule_epochs or epochs), **train_kwargs)

@@ -117,7 +117,7 @@ def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
             "Making the weights of encoder mnv3s",
             "Extracting features of tiny with encoder mnv3s",
             "Training decoder updown on encoder mnv3s features (cross-entropy)",
-            "Distilling decoder updown on encoder mnv3s features from the baseline teacher",
+            "Distilling decoder updown on encoder mnv3s features from its family's teacher",
             "Packing and captioning variant mnv3s-updown-kd-fp32",
             "Packing and captioning variant mnv3s-updown-xe-fp32",
             "Scoring the test captions of every variant of tiny",

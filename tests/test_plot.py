@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from captioning.results.plot import pareto_figure, pareto_front, plot_pareto, short_label
+from captioning.results.plot import front_candidates, pareto_figure, pareto_front, plot_pareto, short_label
 
 STAGES = ["baseline", "encoder", "control", "architecture", "prune", "quantize", "scst", "distill"]
 
@@ -54,7 +54,7 @@ def test_pareto_front_skips_nan_rows():
 
 def test_short_label_drops_the_family_part():
     assert short_label("r18-updown-xe-int8", "updown") == "r18-xe-int8"
-    assert short_label("r18-updown_small-xe-fp32", "updown") == "r18-~_small-xe-fp32"
+    assert short_label("r18-updown_small-xe-fp32", "updown") == "r18-small-xe-fp32"
     assert short_label("lite0-tf-xe_global0.9-int8", "tf") == "lite0-xe_global0.9-int8"
     assert short_label("lite0-b-kd-bf16", "b") == "lite0-kd-bf16"  # a family that prefixes another part
 
@@ -74,9 +74,24 @@ def test_one_panel_per_family(families):
         # only the front's points are labelled, each once
         texts = sorted(t.get_text() for t in ax.texts)
         g = synthetic_table(families).query("family == @fam")
-        want = sorted(short_label(v, fam) for v in g[pareto_front(g)]["variant"])
+        cand = front_candidates(g)
+        want = sorted(short_label(v, fam) for v in cand[pareto_front(cand)]["variant"])
         assert texts == want
     assert len(fig.legends) == 3  # stage, quantization, guides
+
+
+def test_training_rows_are_drawn_but_never_on_the_front():
+    """The SCST row beats every row on both axes, yet the front (and its labels) runs through the
+    references and compression rows only, as the summary's budgets do."""
+    df = synthetic_table(("updown",))
+    assert pareto_front(df)[df["stage"] == "scst"].all()
+    ax = pareto_figure(df).axes[0]
+    labels = {t.get_text() for t in ax.texts}
+    assert "r18-scst-fp32" not in labels and "lite0-kd-bf16" not in labels
+    assert {"r18-xe-fp32", "r18-xe-int8", "lite0-xe-int8"} <= labels
+    # every row is still drawn: one scatter point per row, beside the front's rings
+    drawn = sum(len(c.get_offsets()) for c in ax.collections[:-1])
+    assert drawn == len(df)
 
 
 def crowded_table(n=20) -> pd.DataFrame:

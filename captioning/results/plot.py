@@ -3,7 +3,9 @@
 Each panel shows one family's variants (x: size on disk, log scale; y: CIDEr), marker shape by
 quantization and colour by stage, the family's quality reference as a horizontal line with the
 1% and 2% loss bands below it, and the family's own Pareto front as a step line whose points are
-labelled with their variant name (less the family part). Rows without a CIDEr or a positive size
+labelled with their variant name (less the family part). The front runs through the rows the
+summary's budgets may pick, and the references: SCST, distilled, other-seed and other-engine rows are
+drawn, but a better training recipe is not a smaller model, so they never sit on it. Rows without a CIDEr or a positive size
 are left out, and a note in the panel's corner says how many.
 
 Drawn on a bare Agg canvas (no pyplot state), so the same table always gives the same PNG.
@@ -15,6 +17,8 @@ import math
 import pandas as pd
 
 from ..io import atomic_path
+from ..variants import REFERENCE_STAGES
+from .summary import COMPRESSION_STAGES
 
 PANEL_W, PANEL_H = 5.0, 4.2   # inches per panel
 LEGEND_W = 2.1                # inches for the legend column on the right
@@ -59,9 +63,20 @@ def pareto_front(df: pd.DataFrame) -> pd.Series:
     return pd.Series(keep, index=df.index, dtype=bool)
 
 
+def front_candidates(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows a family's front may run through: dense references and compression rows of
+    cross-entropy-trained decoders (every row when the table has no stage column)."""
+    if "stage" not in df.columns:
+        return df
+    keep = df["stage"].isin(REFERENCE_STAGES + COMPRESSION_STAGES)
+    if "training" in df.columns:
+        keep &= df["training"].fillna("xe") == "xe"
+    return df[keep]
+
+
 def short_label(variant: str, family: str) -> str:
     """The variant name less its family part: 'r18-updown-xe-fp32' in family updown -> 'r18-xe-fp32';
-    a family variant 'updown_small' keeps its own suffix: 'r18-~_small-xe-fp32'."""
+    a family variant 'updown_small' keeps its own suffix: 'r18-small-xe-fp32'."""
     parts = str(variant).split("-")
     fam = str(family)
     out = []
@@ -69,7 +84,7 @@ def short_label(variant: str, family: str) -> str:
         if p == fam:
             continue
         if fam and p.startswith(fam + "_"):
-            out.append("~" + p[len(fam):])
+            out.append(p[len(fam) + 1:])
             continue
         out.append(p)
     return "-".join(out) or str(variant)
@@ -229,7 +244,12 @@ def _draw_panel(ax, family: str, g: pd.DataFrame, n_skipped: int, stages, quants
             if not sub.empty:
                 ax.scatter(sub["size_mb"], sub["CIDEr"], marker=_marker(q), c=_colour(s), s=36,
                            edgecolors="white", linewidths=0.5, alpha=0.9, zorder=3)
-    front = g[pareto_front(g)].sort_values(["size_mb", "CIDEr"], ascending=[True, False], kind="stable")
+    ax.set_xlim(xlo, xhi)
+    ax.set_ylim(ylo, yhi)
+    cand = front_candidates(g)
+    if cand.empty:
+        return [], segments
+    front = cand[pareto_front(cand)].sort_values(["size_mb", "CIDEr"], ascending=[True, False], kind="stable")
     fx = front["size_mb"].tolist()
     fy = front["CIDEr"].tolist()
     # the best CIDEr reachable at each size: held flat until the next front point, then to the edge
@@ -237,8 +257,6 @@ def _draw_panel(ax, family: str, g: pd.DataFrame, n_skipped: int, stages, quants
     for x0, x1, y0, y1 in zip(fx, fx[1:] + [xhi], fy, fy[1:] + [fy[-1]]):
         segments += [((x0, y0), (x1, y0)), ((x1, y0), (x1, y1))]
     ax.scatter(fx, fy, s=110, facecolors="none", edgecolors=FRONT_COLOUR, linewidths=1.0, zorder=4)
-    ax.set_xlim(xlo, xhi)
-    ax.set_ylim(ylo, yhi)
     labels = [short_label(v, family) for v in front["variant"]]
     return list(zip(zip(fx, fy), labels)), segments
 
@@ -252,7 +270,7 @@ def _legends(fig, stages, quants, has_ref: bool, x0: float, y0: float):
     quant_h = [Line2D([], [], ls="", marker=_marker(q), ms=7, mfc="#555555", mec="white",
                       label=q if q in QUANT_MARKERS else f"{q} (other)") for q in quants]
     guide_h = [Line2D([], [], color=FRONT_COLOUR, lw=1.2, marker="o", ms=9, mfc="none", mec=FRONT_COLOUR,
-                      label="Pareto front\n(labelled points)")]
+                      label="Pareto front of the\nreferences and compression\nrows (labelled points)")]
     if has_ref:
         guide_h += [Line2D([], [], color=REF_COLOUR, ls="--", lw=1.0, label="quality reference"),
                     Patch(facecolor=BAND1_COLOUR, alpha=0.45, label="within 1% of it"),

@@ -45,7 +45,7 @@ def _load_split(items, root: Path, size: int, labels: dict, n_labels: int):
     y = torch.zeros(len(items), n_labels)
     for n, it in enumerate(tqdm(items, desc="load images", unit="img", leave=False)):
         # same resize as captioning.data.images.to_tensor; normalisation happens per batch
-        pix[n] = np.asarray(load_rgb(root / it["file_path"]).resize((size, size), Image.BILINEAR))
+        pix[n] = np.asarray(load_rgb(root / it["file_path"], size).resize((size, size), Image.BILINEAR))
         y[n, labels.get(it["id"], [])] = 1.0
     return torch.from_numpy(pix).permute(0, 3, 1, 2).contiguous(), y
 

@@ -6,8 +6,8 @@ quantization and colour by stage, the family's quality reference as a horizontal
 labelled with their variant name (less the family part). The front runs through the rows the
 summary's budgets may pick, and the references: SCST, distilled and other-engine rows are drawn,
 but a better training recipe is not a smaller model, so they never sit on it (seed copies, had a
-table passed them, would be drawn the same way; ``write_results`` leaves them out). Rows without a CIDEr or a positive size
-are left out, and a note in the panel's corner says how many.
+table passed them, would be drawn the same way; ``write_results`` leaves them out). Rows without a
+CIDEr or a positive size are left out, and a note in the panel's corner says how many.
 
 Drawn on a bare Agg canvas (no pyplot state), so the same table always gives the same PNG.
 """

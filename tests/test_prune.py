@@ -1,8 +1,8 @@
-"""Magnitude pruning (global, layer-wise, gradual) and fine-tuning with the masks held, on tiny decoders."""
+"""Magnitude pruning (global, layer-wise, LAMP, gradual) and fine-tuning with the masks held, on tiny decoders."""
 import pytest
 import torch
 
-from captioning.compress.prune import PRUNE_METHODS, Pruner, make_masks, measured_sparsity, prunable
+from captioning.compress.prune import PRUNE_METHODS, Pruner, lamp_scores, make_masks, measured_sparsity, prunable
 from captioning.errors import UserError
 from captioning.io import load_tensors
 from captioning.models import create_decoder, load_decoder, read_decoder_meta, save_decoder
@@ -39,11 +39,11 @@ def test_prunable_is_every_matrix_and_no_bias():
         "embed.weight", "fc_embed.weight", "att_embed.weight", "ctx2att.weight", "logit.weight",
         "core.att_lstm.weight_ih", "core.att_lstm.weight_hh", "core.lang_lstm.weight_ih",
         "core.lang_lstm.weight_hh", "core.attention.h2att.weight", "core.attention.alpha_net.weight"}
-    assert set(PRUNE_METHODS) == {"global", "layerwise", "gradual"}
+    assert set(PRUNE_METHODS) == {"global", "layerwise", "gradual", "lamp", "gradual_lamp"}
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.9])
-@pytest.mark.parametrize("method", ["global", "layerwise"])
+@pytest.mark.parametrize("method", ["global", "layerwise", "lamp"])
 def test_masks_reach_the_ratio(method, ratio):
     m = tiny_decoder()
     masks = make_masks(m, method, ratio)
@@ -54,9 +54,12 @@ def test_masks_reach_the_ratio(method, ratio):
     per_tensor = {n: 1 - mk.float().mean().item() for n, mk in masks.items()}
     if method == "layerwise":  # every tensor gets the ratio, up to rounding one weight
         assert all(abs(int((~mk).sum()) - ratio * mk.numel()) <= 0.5 for mk in masks.values())
-    else:  # global: layers differ (the embedding's N(0, 1) weights are larger than the Linear ones)
+    elif method == "global":  # layers differ (the embedding's N(0, 1) weights are larger than the Linear ones)
         assert per_tensor["embed.weight"] < ratio - 0.1
         assert max(per_tensor.values()) - min(per_tensor.values()) > 0.2
+    else:  # lamp: layers differ too, but every tensor keeps some weights
+        assert max(per_tensor.values()) - min(per_tensor.values()) > 0.05
+        assert all(mk.any() for mk in masks.values())
     assert all(torch.equal(masks[n], mk) for n, mk in make_masks(m, method, ratio).items())  # deterministic
 
 
@@ -66,6 +69,34 @@ def test_global_prunes_the_smallest_magnitudes():
     w = torch.cat([p.detach().abs().flatten() for p in prunable(m).values()])
     keep = torch.cat([mk.flatten() for mk in masks.values()])
     assert w[keep].min() >= w[~keep].max()
+
+
+def test_lamp_scores_follow_their_definition():
+    w = torch.tensor([[0.5, -2.0, 0.0], [1.0, -0.5, 3.0]])
+    sq = w.flatten() ** 2
+    # the definition, entry by entry: w_u^2 over the sum of w_v^2 ranked at or above u (ties by position)
+    rank = sorted(range(6), key=lambda i: (sq[i].item(), i))
+    want = torch.empty(6, dtype=torch.float64)
+    for r, i in enumerate(rank):
+        want[i] = sq[i] / sum(sq[j] for j in rank[r:])
+    got = lamp_scores(w)
+    assert torch.allclose(got, want) and got.max() == 1.0 and got[2] == 0.0
+    assert got[0] < got[4]  # the two equal magnitudes: the later position ranks higher, as ties are broken
+
+
+def test_lamp_does_not_empty_a_layer_of_small_weights():
+    """Global magnitude empties a tensor whose weights are all small; LAMP keeps its largest ones."""
+    m = tiny_decoder()
+    with torch.no_grad():
+        m.att_embed.weight.mul_(1e-3)
+    dropped = lambda masks, n: 1 - masks[n].float().mean().item()  # noqa: E731
+    assert dropped(make_masks(m, "global", 0.8), "att_embed.weight") == 1.0
+    lamp = make_masks(m, "lamp", 0.8)
+    assert dropped(lamp, "att_embed.weight") < 0.95 and pruned_fraction(lamp) == pytest.approx(0.8, abs=0.005)
+    for n, p in prunable(m).items():  # within each tensor, still the largest magnitudes are kept
+        w, keep = p.detach().abs(), lamp[n]
+        if keep.any() and (~keep).any():
+            assert w[keep].min() >= w[~keep].max(), n
 
 
 @pytest.mark.parametrize("name, cfg", [
@@ -94,9 +125,10 @@ def test_ties_are_broken_by_position_and_the_count_is_exact():
     assert int((~keep).sum()) == k and not keep[:k].any() and keep[k:].all()
 
 
-def test_masks_only_grow_under_the_gradual_schedule():
+@pytest.mark.parametrize("method", ["gradual", "gradual_lamp"])
+def test_masks_only_grow_under_the_gradual_schedule(method):
     m = tiny_decoder()
-    pr = Pruner("gradual", 0.9, epochs=4)
+    pr = Pruner(method, 0.9, epochs=4)
     ratios = [pr.ratio_at(e) for e in range(4)]
     assert ratios == sorted(ratios) and ratios[0] > 0 and ratios[-1] == 0.9 and pr.ratio_at(9) == 0.9
     assert [pr.at_target(e) for e in range(5)] == [False, False, False, True, True]
@@ -173,7 +205,7 @@ def test_user_errors():
 
 # ---- fine-tuning ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["global", "layerwise"])
+@pytest.mark.parametrize("method", ["global", "layerwise", "lamp"])
 def test_finetune_keeps_pruned_weights_at_zero(base, tmp_path, method):
     feats, prep, ckpt = base
     before = load_decoder(ckpt)

@@ -30,7 +30,7 @@ wildcard_constraints:
     dec="[A-Za-z0-9_]+",
     dstage="[A-Za-z0-9_.]+",
     train="xe|scst|kd",
-    method="global|layerwise|gradual",
+    method="global|layerwise|gradual|lamp|gradual_lamp",
     ratio="0(\\.[0-9]+)?",
     quant="fp32|fp16|int8|fp32_ort|int8_ort",
     k="[1-9][0-9]*",

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = verb("prune", cmd_prune, "prune a decoder to a ratio of zero weights, then fine-tune with the mask fixed",
              *run)
     s.add_argument("--decoder", required=True, help="the trained decoder checkpoint to prune")
-    s.add_argument("--method", default="global", choices=["global", "layerwise", "gradual"])
+    s.add_argument("--method", default="global", choices=["global", "layerwise", "gradual", "lamp", "gradual_lamp"])
     s.add_argument("--ratio", type=float, required=True, help="fraction of the decoder's weights set to zero (0: the dense control, the same fine-tuning)")
     s.add_argument("--finetune", type=_json_arg, default={}, help="fine-tuning settings as JSON")
 

@@ -331,3 +331,47 @@ def test_gradual_rises_step_by_step_within_one_epoch():
     one_shot.on_epoch_start(m, 0, steps=4)
     one_shot.on_step(m, 0, 1, 4)  # a no-op for fixed methods
     assert pruned_fraction(one_shot.masks) == pytest.approx(0.9, abs=0.005)
+
+
+@pytest.mark.parametrize("method", ["gradual_lamp", "layerwise"])
+def test_masks_are_not_searched_again_at_the_same_ratio(method, monkeypatch):
+    """After the schedule reaches its ratio (or for a one-shot method, after the first search) no
+    mask search runs, and what one would return is the masks held."""
+    import captioning.compress.prune as prune_mod
+
+    m, calls = tiny_decoder(), []
+    real = prune_mod.make_masks
+    monkeypatch.setattr(prune_mod, "make_masks", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    pr = Pruner(method, 0.8, epochs=2)
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(4):
+        pr.on_epoch_start(m, epoch, steps=3)
+        for step in range(3):
+            pr.on_step(m, epoch, step, 3)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            pr.after_step(m)
+    assert calls and calls[-1] == 0.8 and calls.count(0.8) == 1
+    assert len(calls) == (6 if method == "gradual_lamp" else 1)  # 2 schedule epochs of 3 steps; one-shot: once
+    again = real(m, method, 0.8, previous=pr.masks)
+    assert all(torch.equal(again[n], pr.masks[n]) for n in again)
+
+
+def test_every_place_that_names_the_methods_names_them_all():
+    """The CLI, the config schema and the rules' wildcard list the methods without importing torch."""
+    import re
+    from pathlib import Path
+
+    from captioning.cli import build_parser
+    from captioning.config import load_schema
+
+    root = Path(__file__).resolve().parents[1]
+    prune_cli = build_parser()._subparsers._group_actions[0].choices["prune"]
+    cli = next(a.choices for a in prune_cli._actions if a.dest == "method")
+    prune_schema = load_schema(root / "workflow/schemas/config.schema.yaml")["properties"]["compress"]["properties"]["prune"]
+    schema = prune_schema["properties"]["method"]["enum"]
+    compare = prune_schema["properties"]["compare_methods"]["items"]["enum"]
+    wildcard = re.search(r'method="([^"]+)"', (root / "workflow/rules/common.smk").read_text()).group(1).split("|")
+    for names in (cli, schema, compare, wildcard):
+        assert sorted(names) == sorted(PRUNE_METHODS)

@@ -151,14 +151,14 @@ def test_default_grid():
     variants = grid(c)
     names = [v.name for v in variants]
     # xe rows: r50 x 3 families + lite0 x 6 decoders = 9; compress: lite0 x 3 decoders x
-    # (xe + 5 global ratios + gradual0.9) x 2 quantizations = 42, less the 3 dense fp32 rows already there,
+    # (xe + 5 global ratios + gradual0.9 + gradual_lamp0.9) x 2 quantizations = 48, less the 3 dense fp32 rows already there,
     # plus 3 dense decoders x (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: updown_slim
     # kd (its xe row is there); scst: 3 decoders.
-    assert len(variants) == 9 + 39 + 6 + 3 + 1 + 3 == 61
+    assert len(variants) == 9 + 45 + 6 + 3 + 1 + 3 == 67
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))
-    assert {"lite0-aoanet-xe_gradual0.9-int8", "lite0-updown_slim-kd-fp32",
+    assert {"lite0-aoanet-xe_gradual0.9-int8", "lite0-updown-xe_gradual_lamp0.9-int8", "lite0-updown_slim-kd-fp32",
             "lite0-transformer-scst-fp32", "lite0-transformer-xe-int8_ort", "lite0-updown-xe-fp32_ort"} <= set(names)
     assert not any(n.startswith("r50-") and "_slim" in n for n in names)  # compared with the family baseline
     stages = [v.stage(c) for v in variants]

@@ -129,7 +129,7 @@ def _keep_smallest_out(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def lamp_scores(w: torch.Tensor) -> torch.Tensor:
-    """LAMP score of each entry of ``w`` (flat): ``w_u^2 / sum(w_v^2 for |w_v| >= |w_u|)``, in (0, 1].
+    """LAMP score of each entry of ``w`` (flat): ``w_u^2 / sum(w_v^2 for |w_v| >= |w_u|)``, in [0, 1].
 
     The largest weight of every tensor scores 1, so one threshold over all tensors never empties
     one. Equal magnitudes are ordered by position, as ``_keep_smallest_out`` breaks ties.

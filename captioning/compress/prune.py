@@ -283,7 +283,7 @@ class Pruner(FixedMask):
         At the ratio the masks already have, recomputing gives them back unchanged (what was pruned
         is pruned first, and exactly as many), so it is skipped: the steps after a gradual schedule
         ends, and every epoch of a one-shot method, cost no mask search (a LAMP search is a sort
-        of every weight, about 1 s for Up-Down's 2.6M).
+        of every weight, about 0.4 s for Up-Down's 2.6M on one core).
         """
         if self.masks is None or ratio != self._masks_ratio:
             self._set_masks(make_masks(decoder, self.method, ratio, previous=self.masks))

@@ -1,4 +1,4 @@
-"""Knowledge distillation: the word-level KD loss, the frozen teacher, and train_xe with a teacher."""
+"""Knowledge distillation: the word-level KD loss, sequence-level KD, the frozen teacher, and train_xe with a teacher."""
 import json
 import shutil
 
@@ -11,7 +11,11 @@ from captioning.errors import UserError
 from captioning.io import load_tensors
 from captioning.models import create_decoder, load_decoder, read_decoder_meta
 from captioning.training import CaptionData, train_xe
-from captioning.training.distill import Teacher, kd_loss, token_mask
+from captioning.models.search import beam_search
+from captioning.training.amp import MixedPrecision
+from captioning.training.distill import SEQUENCE_KD_BEAM, DistillStep, Teacher, kd_loss, token_mask, with_teacher_captions
+from captioning.training.loop import trim_padding
+from captioning.training.xe import sequence_loss
 from captioning.training.checkpoint import file_sha256
 from helpers import SPLITS, TINY, W, make_dataset
 
@@ -190,3 +194,72 @@ def test_distillation_is_deterministic_and_resumes_exactly(world, tmp_path):
     # another kd_weight is another run: its resume file is not trusted
     rc = train_xe(feats, prep, b, "updown", TINY, epochs=3, **dict(kw, kd_weight=0.2))
     assert len(rc["history"]) == 3 and rc["history"][0]["loss"] != ra["history"][0]["loss"]
+
+
+# ---- sequence-level distillation --------------------------------------------------------------------
+
+def test_teacher_captions_are_its_beam_search_and_kept(world):
+    feats, prep, t_feats, teacher_path = world
+    data = CaptionData(feats, prep)
+    teacher = Teacher(teacher_path, t_feats, data, feats)
+    ids = [int(i) for i in data.ids[:4]]
+    caps = teacher.captions(ids, 6)
+    fc, att = teacher.features.read(np.arange(4))
+    assert torch.equal(caps, beam_search(teacher.decoder, fc, att, SEQUENCE_KD_BEAM, 6))
+    # the teacher learnt swapped captions: its dog images get "cat" (and the reverse)
+    words = [set(c.split()) for c in data.decode(caps)]
+    assert any(w & set(SWAP) for w in words)
+    # kept: asked again (in another order, with repeats) it gives the same rows without decoding
+    teacher.decoder = None
+    assert torch.equal(teacher.captions(ids[::-1] + ids[:1], 6), torch.cat([caps.flip(0), caps[:1]]))
+
+
+def test_with_teacher_captions_lays_each_images_rows_out_together():
+    labels = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 4, 4], [5, 0, 0]])  # 2 images x 2 references
+    teach = torch.tensor([[7, 7, 7, 7], [8, 0, 0, 0]])
+    assert with_teacher_captions(labels, teach).tolist() == [
+        [1, 2, 0, 0], [3, 0, 0, 0], [7, 7, 7, 7], [4, 4, 4, 0], [5, 0, 0, 0], [8, 0, 0, 0]]
+
+
+def test_sequence_step_is_the_weighted_cross_entropy_to_references_and_teacher_captions(world):
+    feats, prep, t_feats, teacher_path = world
+    data = CaptionData(feats, prep, seq_per_img=2)
+    teacher = Teacher(teacher_path, t_feats, data, feats)
+    torch.manual_seed(0)
+    student = create_decoder("updown", data.vocab_size, data.feat_dim, **TINY).eval()
+    b = next(data.batches("train", 3, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    b.labels = trim_padding(b.labels)
+    step = DistillStep(MixedPrecision(False, "cpu", "kd"), teacher, 0.3, 2.0, sequence_loss, "sequence", 6)
+    loss, numbers = step(student, b)
+    teach = trim_padding(teacher.captions(b.ids, 6))
+    xe_refs = sequence_loss(student(b.fc, b.att, b.labels), b.labels)
+    xe_teach = sequence_loss(student(b.fc, b.att, teach), teach)
+    assert numbers["kd_loss"] == pytest.approx(xe_teach.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.7 * xe_refs.item() + 0.3 * xe_teach.item(), rel=1e-5)
+    with pytest.raises(UserError, match="unknown distillation mode 'phrase'"):
+        DistillStep(None, teacher, 0.3, 2.0, sequence_loss, "phrase")
+
+
+def test_sequence_distillation_teaches_the_teachers_captions(world, tmp_path):
+    """With most of the weight on the swapped teacher's captions, the student says what the teacher says."""
+    feats, prep, t_feats, teacher = world
+    kw = dict(KW, batch_size=2, keep_resume=True)
+    out = tmp_path / "seq.safetensors"
+    res = train_xe(feats, prep, out, "updown", dict(TINY, rnn_size=32), epochs=10, **kw,
+                   teacher=teacher, teacher_features=t_feats, kd_weight=0.9, kd_mode="sequence")
+    assert res["settings"]["kd"]["kd_mode"] == "sequence"
+    assert read_decoder_meta(out)["kd_mode"] == "sequence"
+    xe_teacher = [h["kd_loss"] for h in res["history"]]
+    assert xe_teacher[-1] < 0.5 * xe_teacher[0]
+    data = CaptionData(feats, prep)
+    rows = data.index("val")
+    fc, att = data.features.read(rows)
+    student = load_decoder(out).eval()  # the best epoch's config, the last epoch's weights (the val
+    tensors = load_tensors(str(out) + ".resume.safetensors")[0]  # CIDEr-D of swapped captions stays 0)
+    student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    mine = beam_search(student, fc, att, 3, 6)
+    theirs = Teacher(teacher, t_feats, data, feats).captions([int(i) for i in data.ids[rows]], 6)
+    assert (mine == theirs).all(1).float().mean() >= 0.8
+    with pytest.raises(UserError, match="unknown distillation mode"):
+        train_xe(feats, prep, tmp_path / "x.safetensors", "updown", TINY, epochs=1, **KW, teacher=teacher,
+                 teacher_features=t_feats, kd_mode="phrase")

@@ -257,6 +257,12 @@ def test_finetune_distils_from_the_unpruned_decoder_with_masks_held(base, tmp_pa
     plain = finetune_pruned(ckpt, feats, prep, tmp_path / "plain.safetensors", "global", 0.8, epochs=1,
                             lr=1e-2, **FT)
     assert "kd" not in plain["settings"] and "kd_loss" not in plain["history"][0]
+    # sequence-level: the dense decoder's own beam captions are the extra targets, masks still held
+    seq = finetune_pruned(ckpt, feats, prep, tmp_path / "seq.safetensors", "global", 0.8, epochs=1, lr=1e-2,
+                          kd_weight=0.5, kd_mode="sequence", **FT)
+    assert seq["settings"]["kd"]["kd_mode"] == "sequence" and seq["history"][0]["kd_loss"] > 0
+    weights = dict(load_decoder(tmp_path / "seq.safetensors").named_parameters())
+    assert all((weights[n][~keep] == 0).all() for n, keep in masks.items())
 
 
 def test_gradual_with_a_shorter_schedule_recovers_at_the_target(base, tmp_path):

@@ -10,7 +10,7 @@ from .xe import train_xe
 
 def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: str, ratio: float,
                     epochs: int = 2, lr: float = 1e-4, kd_weight: float = 0.0, kd_temperature: float = 2.0,
-                    schedule_epochs: int | None = None, **train_kwargs) -> dict:
+                    kd_mode: str = "word", schedule_epochs: int | None = None, **train_kwargs) -> dict:
     """Prune ``decoder_ckpt`` with ``method`` at ``ratio`` and fine-tune it with XE, masks held.
 
     The decoder is rebuilt from the checkpoint's own config; ``train_kwargs`` go to ``train_xe``
@@ -24,12 +24,13 @@ def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: s
 
     ``kd_weight`` > 0 distils from ``decoder_ckpt`` itself, unpruned, over the same features: the
     pruned model learns back the word distributions it had before the cut, a teacher that costs no
-    training of its own (``distill.DistillStep``; the references get 1 - ``kd_weight``).
+    training of its own (``distill.DistillStep``; the references get 1 - ``kd_weight``). ``kd_mode``
+    "sequence" teaches its beam-search captions instead (``distill`` explains both).
     """
     train_kwargs.setdefault("stage", "prune" if ratio else "control")
     if kd_weight:
         train_kwargs.update(teacher=decoder_ckpt, teacher_features=features_h5, kd_weight=kd_weight,
-                            kd_temperature=kd_temperature)
+                            kd_temperature=kd_temperature, kd_mode=kd_mode)
     return train_xe(features_h5, prepared_dir, out_path, train_kwargs.pop("decoder_name", None),
                     train_kwargs.pop("decoder_cfg", None), epochs=epochs, lr=lr, init_from=decoder_ckpt,
                     pruner=Pruner(method, ratio, schedule_epochs or epochs), **train_kwargs)

@@ -23,7 +23,7 @@ from ..models import create_decoder
 from ..utils import pick_device, seed_everything
 from .amp import MixedPrecision
 from .checkpoint import decoder_from_checkpoint, file_identity
-from .distill import DistillStep, Teacher
+from .distill import KD_MODES, DistillStep, Teacher
 from .loop import Run, fit, open_data
 from .validate import Validator
 
@@ -68,7 +68,7 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
              keep_resume: bool = False, progress: bool = True, init_from: str | Path | None = None,
              pruner=None, stage: str = "xe", teacher: str | Path | None = None,
              teacher_features: str | Path | None = None, kd_weight: float = 0.5, kd_temperature: float = 1.0,
-             amp: bool = False, pin_memory: bool = False, patience: int | None = None,
+             kd_mode: str = "word", amp: bool = False, pin_memory: bool = False, patience: int | None = None,
              features: str = "auto", memory_limit_mb: int = 4000, workers: int = 2) -> dict:
     """Train a decoder with cross-entropy; write the best val CIDEr-D epoch to ``out_path`` at the end.
 
@@ -81,7 +81,8 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
     sha256 and the pruner by ``describe()``.
 
     ``teacher`` + ``teacher_features``: distil from that frozen decoder over those features (same
-    images, same order as ``features_h5``); see ``distill.DistillStep``.
+    images, same order as ``features_h5``); see ``distill.DistillStep``. ``kd_mode``: "word" (the KL
+    to its word distributions) or "sequence" (its beam-search captions as extra targets).
 
     ``amp``: fp16 mixed precision on CUDA (``amp.MixedPrecision``); ``pin_memory``: pinned,
     asynchronous host-to-GPU copies (``loader.to_device``). Both are no-ops on a CPU; set, they
@@ -111,6 +112,8 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
             raise UserError("knowledge distillation needs both a teacher checkpoint and the teacher's features file")
         if not 0 <= kd_weight <= 1 or kd_temperature <= 0:
             raise UserError(f"kd_weight must be in [0, 1] and kd_temperature > 0, got {kd_weight} and {kd_temperature}")
+        if kd_mode not in KD_MODES:
+            raise UserError(f"unknown distillation mode {kd_mode!r}; known: {', '.join(KD_MODES)}")
         kd = Teacher(teacher, teacher_features, data, features_h5, device, pin_memory, features, memory_limit_mb)
 
     seed_everything(seed)
@@ -139,6 +142,8 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
     if kd is not None:
         settings["kd"] = {"teacher_sha256": file_identity(teacher)["sha256"], "teacher_features": kd.fingerprint(),
                           "kd_weight": kd_weight, "kd_temperature": kd_temperature}
+        if kd_mode != "word":  # only when used, so word-level resume files keep matching
+            settings["kd"]["kd_mode"] = kd_mode
     gpu_options = {k: True for k, v in (("amp", amp), ("pin_memory", pin_memory)) if v}
     settings.update(gpu_options)
 
@@ -151,13 +156,14 @@ def train_xe(features_h5, prepared_dir, out_path, decoder_name: str | None, deco
             meta.update(sparsity, prune_method=pruner.method, prune_ratio=pruner.ratio)
         if kd is not None:
             meta.update(teacher={"path": str(teacher), "sha256": settings["kd"]["teacher_sha256"]},
-                        kd_weight=kd_weight, kd_temperature=kd_temperature)
+                        kd_weight=kd_weight, kd_temperature=kd_temperature, kd_mode=kd_mode)
         return meta
 
     run = Run(stage=stage, out_path=Path(out_path), settings=settings, epochs=epochs, batch_size=batch_size,
               seed=seed, lr_at=lambda epoch: lr_at(epoch, lr, lr_decay_every, lr_decay_rate), grad_clip=grad_clip,
               device=device, pin_memory=pin_memory, log_json=log_json, keep_resume=keep_resume, progress=progress,
               patience=patience)
-    step = XEStep(mp) if kd is None else DistillStep(mp, kd, kd_weight, kd_temperature, sequence_loss)
+    step = XEStep(mp) if kd is None else DistillStep(mp, kd, kd_weight, kd_temperature, sequence_loss, kd_mode,
+                                                    max_length)
     validator = Validator(data, prepared_dir, beam_size, max_length, batch_size, device, pin_memory, progress)
     return fit(run, decoder, optimizer, data, step, validator, mp, pruner, checkpoint_meta)

@@ -95,7 +95,8 @@ rule train_kd:
         dec=decoder_args,
         train=lambda wc, input: train_args(wc, {
             "teacher": input.teacher, "teacher_features": input.teacher_features,
-            "kd_weight": config["distill"]["kd_weight"], "kd_temperature": config["distill"]["temperature"]}),
+            "kd_weight": config["distill"]["kd_weight"], "kd_temperature": config["distill"]["temperature"],
+            "kd_mode": config["distill"]["mode"]}),
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
         device=config["device"],

@@ -40,11 +40,15 @@ def decoder_family(config: dict, dec: str) -> str:
 
 
 def kd_teacher(config: dict, enc: str, dec: str) -> Variant:
-    """The cross-entropy decoder that teaches student ``dec`` on encoder ``enc``: its family decoder on
-    ``distill.teacher_encoder``, or by default on the student's own encoder. A teacher should be the
-    family's strongest uncompressed model, its quality reference; on our data that is the small
-    encoder's, whose ImageNet weights beat the big encoder's in-domain pretraining."""
-    return Variant(config.get("distill", {}).get("teacher_encoder") or enc, decoder_family(config, dec))
+    """The decoder that teaches student ``dec`` on encoder ``enc``: its family decoder on
+    ``distill.teacher_encoder`` (by default the student's own encoder), trained as
+    ``distill.teacher_training`` says (xe, or scst on top of it). A teacher should be the family's
+    strongest uncompressed model; on our data that is the small encoder's, whose ImageNet weights
+    beat the big encoder's in-domain pretraining, and a student as good as its cross-entropy teacher
+    has nothing to learn from it."""
+    distill = config.get("distill", {})
+    return Variant(distill.get("teacher_encoder") or enc, decoder_family(config, dec),
+                   distill.get("teacher_training") or "scst")
 
 
 SEED_TAG = "_seed"

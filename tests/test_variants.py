@@ -140,10 +140,13 @@ def test_decoder_family_is_the_parent_of_a_variant():
 
 def test_kd_teacher_is_the_family_decoder_on_the_students_encoder_unless_told():
     c = _config()
-    assert kd_teacher(c, "lite0", "updown_slim") == Variant("lite0", "updown")  # the default: own encoder
-    assert kd_teacher(c, "lite0", "aoanet") == Variant("lite0", "aoanet")
-    c["distill"]["teacher_encoder"] = "r50"
-    assert kd_teacher(c, "lite0", "updown_slim") == Variant("r50", "updown")  # the big-encoder teacher
+    # the default: the family's SCST decoder on the student's own encoder
+    assert kd_teacher(c, "lite0", "updown_slim") == Variant("lite0", "updown", "scst")
+    assert kd_teacher(c, "lite0", "aoanet") == Variant("lite0", "aoanet", "scst")
+    c["distill"]["teacher_encoder"], c["distill"]["teacher_training"] = "r50", "xe"
+    assert kd_teacher(c, "lite0", "updown_slim") == Variant("r50", "updown")  # the big encoder's cross-entropy teacher
+    del c["distill"]["teacher_training"]  # unset: the schema's default
+    assert kd_teacher(c, "lite0", "updown_slim") == Variant("r50", "updown", "scst")
 
 
 def test_default_grid():

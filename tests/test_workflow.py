@@ -117,6 +117,8 @@ def test_changing_one_encoder_reruns_only_what_depends_on_it(tiny_run):
             "Making the weights of encoder mnv3s",
             "Extracting features of tiny with encoder mnv3s",
             "Training decoder updown on encoder mnv3s features (cross-entropy)",
+            # the distilled student's teacher: the family's SCST decoder on mnv3s (distill.teacher_training)
+            "Self-critical training of decoder updown on encoder mnv3s features (CIDEr-D reward)",
             "Distilling decoder updown on encoder mnv3s features from its family's teacher",
             "Packing and captioning variant mnv3s-updown-kd-fp32",
             "Packing and captioning variant mnv3s-updown-xe-fp32",
@@ -175,3 +177,16 @@ def test_seeds_train_each_dense_reference_again_under_its_own_seed(tmp_path):
             assert " --seed 5 " in s, s
     packed = [s for s in shells if " pack " in s and "_seed1-fp32.capz" in s]
     assert len(packed) == 9
+
+
+@pytest.mark.integration
+def test_an_scst_teacher_is_trained_on_demand_and_teaches_by_its_captions(tmp_path):
+    write_config(tmp_path, {**TINY_DAG, "distill": {**TINY_DAG["distill"], "teacher_training": "scst"}})
+    shells = [line for line in smk(tmp_path, "-n", "-p", "results/table.csv").stdout.splitlines()
+              if " -m captioning " in line]
+    kd = [s for s in shells if "/kd.safetensors --log-json" in s]
+    assert len(kd) == 1 and '"teacher": "work/tiny/decoders/mnv3s/updown/scst.safetensors"' in kd[0], kd
+    assert '"kd_mode": "sequence"' in kd[0]  # the default mode
+    # mnv3s is not in scst.encoders: its SCST decoder is built for the teacher alone, with no row of its own
+    assert any(" scst " in s and "--out work/tiny/decoders/mnv3s/updown/scst.safetensors" in s for s in shells)
+    assert not any("mnv3s-updown-scst-" in s for s in shells)

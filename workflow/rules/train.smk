@@ -79,9 +79,9 @@ rule train_kd:
     message:
         "Distilling decoder {wildcards.dec} on encoder {wildcards.enc} features from its family's teacher"
     input:
-        # the teacher: the student's family decoder (itself, or what it is a variant of), by cross-entropy
-        # on distill.teacher_encoder (default: the student's own encoder)
-        teacher=lambda wc: f"{WORK}/decoders/{kd_teacher(config, wc.enc, wc.dec).enc}/{decoder_family(config, wc.dec)}/xe.safetensors",
+        # the teacher: the student's family decoder (itself, or what it is a variant of), trained as
+        # distill.teacher_training says, on distill.teacher_encoder (default: the student's own encoder)
+        teacher=lambda wc: "{0}/decoders/{1.enc}/{1.dec}/{1.dstage}.safetensors".format(WORK, kd_teacher(config, wc.enc, wc.dec)),
         teacher_features=lambda wc: f"{WORK}/features/{kd_teacher(config, wc.enc, wc.dec).enc}.h5",
         features=rules.features.output,
         labels=rules.prepare_captions.output.labels,

@@ -22,9 +22,10 @@ Two modes (``KD_MODES``):
 
 The teacher is a trained decoder over its own features of the same images in the same order:
 the student's, or another encoder's (e.g. ResNet-50 grids, 2048-d, while the student sees
-EfficientNet-Lite0's 1280-d). It is frozen: eval mode (no dropout), no gradients; it only supplies targets. ``DistillStep`` is the
-training step; ``train_xe(teacher=..., teacher_features=...)`` runs it. The teacher's features
-come through the student's kind of feature store (``features``): streamed when the student's are.
+EfficientNet-Lite0's 1280-d). It is frozen: eval mode (no dropout), no gradients; it only
+supplies targets. ``DistillStep`` is the training step (it rejects an unknown mode);
+``train_xe(teacher=..., teacher_features=...)`` runs it. The teacher's features come through the
+student's kind of feature store (``features``): streamed when the student's are.
 """
 from __future__ import annotations
 

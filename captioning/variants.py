@@ -51,11 +51,28 @@ def kd_teacher(config: dict, enc: str, dec: str) -> Variant:
                    distill.get("teacher_training") or "scst")
 
 
+# Decoder settings that change how a model trains, not its size or shape: a variant_of entry that
+# overrides only these is the parent's architecture, tuned (stage "tuning"), an uncompressed model
+# that may be the quality reference, never an architecture change that fills a budget.
+TRAINING_ONLY_KEYS = ("drop_prob", "att_dropout", "aoa_dropout", "ctx_drop", "dropout", "train")
+
+
+def is_tuning(config: dict, dec: str) -> bool:
+    """Whether ``dec`` is a variant_of entry whose settings differ from its parent's only in training-only keys."""
+    entry = config["decoders"][dec]
+    if "variant_of" not in entry:
+        return False
+    parent = decoder_settings(config, entry["variant_of"])
+    own = decoder_settings(config, dec)
+    changed = {k for k in set(own) | set(parent) if k != "variant_of" and own.get(k) != parent.get(k)}
+    return changed <= set(TRAINING_ONLY_KEYS)
+
+
 SEED_TAG = "_seed"
 ORT_TAG = "_ort"  # after the quantization: the variant runs on ONNX Runtime
-# The rows of uncompressed models (dense, cross-entropy): quality-reference candidates, and what
-# ``seeds`` trains again.
-REFERENCE_STAGES = ("baseline", "encoder", "control")
+# The rows of uncompressed models (dense, cross-entropy, any encoder, the parent architecture under
+# any training settings): quality-reference candidates, and what ``seeds`` trains again.
+REFERENCE_STAGES = ("baseline", "encoder", "tuning", "control")
 
 
 def dstage_name(train: str, method: str | None = None, ratio: float | None = None, seed: int = 0) -> str:
@@ -143,7 +160,8 @@ class Variant:
     def stage(self, config: dict) -> str:
         """The one change this row measures against its baseline, checked from the most specific:
         a pruned decoder, then quantization, then the dense control, then SCST or distillation,
-        then an architecture variant, then a replaced encoder. A reference trained under another
+        then a variant_of entry (an architecture change, or "tuning" when it changes only training
+        settings such as dropout), then a replaced encoder. A reference trained under another
         seed measures training noise alone (stage "seed")."""
         if self.seed:
             return "seed"
@@ -158,7 +176,7 @@ class Variant:
         if self.training != "xe":
             return {"kd": "distill"}.get(self.training, self.training)
         if "variant_of" in config["decoders"][self.dec]:
-            return "architecture"
+            return "tuning" if is_tuning(config, self.dec) else "architecture"
         return "baseline" if self.enc == config["baseline_encoder"] else "encoder"
 
     def meta(self, config: dict) -> dict:

@@ -71,7 +71,18 @@ def test_quality_reference_only_from_uncompressed_rows(tmp_path):
     assert refs["ud"]["variant"] == "small-ud-xe"   # not the int8 row (0.995), nor SCST (1.2), nor pruned (0.99)
 
 
-def test_a_reference_with_cider_zero_or_none_stops_the_table(tmp_path):
+def test_a_tuned_parent_may_be_the_reference_and_a_row_no_smaller_never_fills_a_budget(tmp_path):
+    # A dropout-only variant of the parent (stage "tuning") beats every other uncompressed row; an
+    # architecture row as big as the baseline (a wider decoder) scores within the budget.
+    rows = ROWS + [row("small-ud_d2-xe", "small", "tuning", 10.0, 1.1, decoder="ud_d2", family="ud"),
+                   row("small-ud_wide-xe", "small", "architecture", 100.0, 1.095, decoder="ud_wide", family="ud")]
+    df = build_table(_metrics(tmp_path, rows), BASELINES)
+    assert quality_references(df)["ud"]["variant"] == "small-ud_d2-xe"
+    ud = compression_rows(df[df["family"] == "ud"])
+    assert "small-ud_d2-xe" not in set(ud["variant"])        # not compression
+    assert best_within(ud, 1.0) is None                     # the wide row is -0.45% but 0% smaller
+    assert best_within(ud, 11.0)["variant"] == "small-ud-p9"  # 0.985 / 1.1: -10.45%, 98% smaller
+
     rows = [dict(r, CIDEr=0.0) if r["stage"] in ("baseline", "encoder", "control") and r["decoder"] == "ud" else r
             for r in ROWS]
     with pytest.raises(UserError, match=r"^decoder family 'ud': its quality reference '.*' has CIDEr 0\.0"):

@@ -132,6 +132,20 @@ def test_runtime_is_a_suffix_of_the_quantization():
         == ("torch", "fp32")
 
 
+def test_a_variant_that_changes_only_training_settings_is_tuning_and_a_reference():
+    c = _small()
+    c["decoders"] = {**c["decoders"], "u_d2": {"variant_of": "u", "drop_prob": 0.2, "train": {"lr": 0.002}},
+                     "u_same": {"variant_of": "u", "rnn_size": 8, "drop_prob": 0.2}}
+    c["decoders"]["u"] = {"arch": "updown", "rnn_size": 8}
+    assert Variant("small", "u_d2").stage(c) == "tuning"
+    assert Variant("small", "u_same").stage(c) == "tuning"     # its width is the parent's
+    assert Variant("small", "u_slim").stage(c) == "tuning"      # rnn_size 8, now the parent's too
+    c["decoders"]["u_slim"] = {"variant_of": "u", "rnn_size": 4}
+    assert Variant("small", "u_slim").stage(c) == "architecture"
+    seeds = [v.name for v in grid({**c, "seeds": 2}) if v.seed]
+    assert "small-u_d2-xe_seed1-fp32" in seeds and "small-u_slim-xe_seed1-fp32" not in seeds
+
+
 def test_decoder_family_is_the_parent_of_a_variant():
     c = _config()
     assert decoder_family(c, "aoanet_slim") == "aoanet"

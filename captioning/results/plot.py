@@ -30,6 +30,7 @@ STAGE_COLOURS = {
     "baseline": "#000000",
     "encoder": "#1f77b4",
     "control": "#7f7f7f",
+    "tuning": "#17becf",
     "architecture": "#9467bd",
     "prune": "#ff7f0e",
     "quantize": "#2ca02c",

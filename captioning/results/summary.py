@@ -31,8 +31,9 @@ def compression_rows(g: pd.DataFrame) -> pd.DataFrame:
 
 def best_within(df: pd.DataFrame, max_loss_pct: float) -> pd.Series | None:
     """The row with the largest size reduction whose CIDEr fell by at most ``max_loss_pct`` percent
-    (point estimate; its interval is shown beside it)."""
-    ok = df[df["cider_change_pct"] >= -max_loss_pct]
+    (point estimate; its interval is shown beside it). A row no smaller than the baseline compressed
+    nothing, so it never fills a budget."""
+    ok = df[(df["cider_change_pct"] >= -max_loss_pct) & (df["size_reduction_pct"] > 0)]
     if ok.empty:
         return None
     return ok.sort_values(["size_reduction_pct", "CIDEr"], ascending=False).iloc[0]
@@ -57,7 +58,8 @@ def summary_markdown(df: pd.DataFrame) -> str:
              "Size reduction is of the whole model on disk (encoder + decoder + vocabulary, the `.capz` "
              "artifact), against each family's baseline: the big encoder with the dense fp32 decoder. "
              "CIDEr change is against each family's quality reference: the highest CIDEr of any uncompressed "
-             "model of the family (dense, fp32, cross-entropy, any encoder, the dense control included). "
+             "model of the family (dense, fp32, cross-entropy, any encoder, the parent architecture under any "
+             "training settings, the dense control included). "
              f"In brackets, the {LEVEL:.0%} interval of the change: a paired bootstrap over the "
              f"{n_images if n_images else '?'} test images, {N_RESAMPLES} resamples; a change whose whole "
              "interval lies below zero is marked as a significant loss. Budgets are filled by compression "

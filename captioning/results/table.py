@@ -4,8 +4,9 @@ Two references per decoder family, because one model cannot serve both honestly:
 
 - size: the family's **baseline**, the big encoder with the dense fp32 decoder (as in the paper);
 - quality: the family's **quality reference**, the highest CIDEr of any uncompressed model of the
-  family (dense, fp32, cross-entropy, any encoder, the sweep's dense control included). A weak big
-  encoder or extra fine-tuning cannot flatter a compressed row against it.
+  family (dense, fp32, cross-entropy, any encoder, the sweep's dense control included, and a
+  variant_of entry that changes only training settings such as dropout). A weak big encoder, extra
+  fine-tuning or an under-tuned parent cannot flatter a compressed row against it.
 
 Every CIDEr change comes with a 95% interval: a paired bootstrap over the test images
 (``bootstrap``), from the per-image CIDEr-D scores each evaluation keeps.

@@ -84,10 +84,17 @@ def config_problems(config: dict) -> list[str]:
     lists = [(f"encoders.{name}.decoders", enc.get("decoders")) for name, enc in encoders.items()]
     lists += [(f"{stage}.decoders", config.get(stage, {}).get("decoders"))
               for stage in ("compress", "scst", "distill")]
+    lists.append(("compress.prune.decoders", config.get("compress", {}).get("prune", {}).get("decoders")))
     for key, names in lists:
         for name in names or []:
             if name not in decoders:
                 problems.append(f"{key}: '{name}' is not one of the decoders ({', '.join(decoders)})")
+    compress = config.get("compress", {})
+    if compress.get("decoders") is not None:
+        for name in compress.get("prune", {}).get("decoders") or []:
+            if name not in compress["decoders"]:
+                problems.append(f"compress.prune.decoders: '{name}' is not one of compress.decoders "
+                                f"({', '.join(compress['decoders'])})")
     if config.get("baseline_encoder") in config.get("distill", {}).get("encoders", []):
         problems.append("distill.encoders: the baseline encoder trains no architecture variants to distil; "
                         "list only other encoders")

@@ -34,6 +34,13 @@ def stage_decoders(config: dict, stage: str) -> list[str]:
     return list(config["decoders"]) if names is None else list(names)
 
 
+def pruned_decoders(config: dict) -> list[str]:
+    """The compress decoders that the pruning sweep (and its dense control) covers: compress.prune's
+    decoders list, or every compress decoder. The others are quantized only."""
+    names = config["compress"]["prune"].get("decoders")
+    return stage_decoders(config, "compress") if names is None else list(names)
+
+
 def decoder_family(config: dict, dec: str) -> str:
     """The decoder whose baseline a decoder's rows are compared with (itself, or what it is a variant of)."""
     return config["decoders"][dec].get("variant_of", dec)
@@ -199,8 +206,8 @@ class Variant:
 
 def grid(config: dict) -> list[Variant]:
     """Every table row, once, in table order: baseline and encoder replacement for every encoder and
-    its decoders; then for the compress encoders and decoders every quantization of the dense and
-    pruned decoders, the dense decoders on ONNX Runtime, and the dense control (fp32); then the distilled and the SCST rows; then, with
+    its decoders; then for the compress encoders and decoders every quantization of the dense
+    decoders and of those pruned (``pruned_decoders``), the dense decoders on ONNX Runtime, and the dense control (fp32); then the distilled and the SCST rows; then, with
     ``seeds`` > 1, the dense references (baseline, encoder and control rows) under the other seeds."""
     c = config["compress"]
     p = c["prune"]
@@ -210,15 +217,16 @@ def grid(config: dict) -> list[Variant]:
            if not ("variant_of" in config["decoders"][d] and e == config["baseline_encoder"])]
     stages = ["xe"] + [dstage_name("xe", p["method"], r) for r in p["ratios"]]
     stages += [dstage_name("xe", m, p["compare_ratio"]) for m in p["compare_methods"]]
+    pruned = pruned_decoders(config)
     for e in c["encoders"]:
         out += [Variant(e, d, s, q) for d in stage_decoders(config, "compress")
-                for s in stages for q in c["quantization"]]
+                for s in (stages if d in pruned else ["xe"]) for q in c["quantization"]]
         # the dense decoders again on ONNX Runtime, in each of its modes
         out += [Variant(e, d, "xe", q + ORT_TAG) for d in stage_decoders(config, "compress")
                 for q in c.get("onnxruntime", [])]
         if p.get("control", True) and (p["ratios"] or p["compare_methods"]):
             # the dense control of the sweep: what every pruned row's extra fine-tuning alone gives
-            out += [Variant(e, d, dstage_name("xe", p["method"], 0)) for d in stage_decoders(config, "compress")]
+            out += [Variant(e, d, dstage_name("xe", p["method"], 0)) for d in pruned]
     for e in config["distill"]["encoders"]:
         # each student beside the same decoder trained without a teacher
         out += [Variant(e, d, t) for d in stage_decoders(config, "distill") for t in ("xe", "kd")]

@@ -4,7 +4,7 @@ from pathlib import Path
 import yaml
 
 from captioning.config import config_problems, load_schema, schema_problems
-from captioning.variants import decoder_settings, stage_decoders
+from captioning.variants import decoder_settings, pruned_decoders, stage_decoders
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(ROOT / "workflow/schemas/config.schema.yaml")
@@ -75,14 +75,18 @@ def test_decoder_entry_needs_an_arch_or_a_parent():
 
 def test_stage_decoders_and_their_names_are_checked():
     c = _config()
-    assert stage_decoders(c, "compress") == ["updown", "aoanet", "transformer"]
+    assert stage_decoders(c, "compress") == list(c["decoders"])
+    assert pruned_decoders(c) == ["updown", "aoanet", "transformer"]
     c["compress"]["decoders"] = None
     assert stage_decoders(c, "compress") == list(c["decoders"])
     c["scst"]["decoders"] = ["updown", "lstm"]
     c["encoders"]["lite0"]["decoders"] = ["gru"]
     c["decoders"]["aoanet_slim"]["arch"] = "updown"
     c["distill"]["teacher_encoder"] = "vit"
+    c["compress"]["decoders"], c["compress"]["prune"]["decoders"] = ["updown", "aoanet"], ["updown", "updown_slim"]
     lines = config_problems(c)
+    assert "compress.prune.decoders: 'updown_slim' is not one of compress.decoders (updown, aoanet)" \
+        in lines
     assert any(line.startswith("distill.teacher_encoder: 'vit' is not one of the encoders") for line in lines)
     assert any(line.startswith("scst.decoders: 'lstm' is not one of the decoders") for line in lines)
     assert any(line.startswith("encoders.lite0.decoders: 'gru' is not one of the decoders") for line in lines)

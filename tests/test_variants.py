@@ -167,16 +167,19 @@ def test_default_grid():
     c = _config()
     variants = grid(c)
     names = [v.name for v in variants]
-    # xe rows: r50 x 3 families + lite0 x 6 decoders = 9; compress: lite0 x 3 decoders x
-    # (xe + 5 global ratios + gradual0.9 + gradual_lamp0.9) x 2 quantizations = 48, less the 3 dense fp32 rows already there,
-    # plus 3 dense decoders x (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: updown_slim
-    # kd (its xe row is there); scst: 3 decoders.
-    assert len(variants) == 9 + 45 + 6 + 3 + 1 + 3 == 67
+    # xe rows: r50 x 3 families + lite0 x 6 decoders = 9; compress: lite0 x 3 pruned decoders x
+    # (xe + 5 global ratios + gradual0.9 + gradual_lamp0.9) x 2 quantizations = 48, less the 3 dense fp32 rows
+    # already there, plus the 3 slim decoders in int8 (their fp32 rows are there), plus 6 dense decoders x
+    # (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: updown_slim kd (its xe row is there);
+    # scst: 3 decoders.
+    assert len(variants) == 9 + 45 + 3 + 12 + 3 + 1 + 3 == 76
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))
     assert {"lite0-aoanet-xe_gradual0.9-int8", "lite0-updown-xe_gradual_lamp0.9-int8", "lite0-updown_slim-kd-fp32",
-            "lite0-transformer-scst-fp32", "lite0-transformer-xe-int8_ort", "lite0-updown-xe-fp32_ort"} <= set(names)
+            "lite0-transformer-scst-fp32", "lite0-transformer-xe-int8_ort", "lite0-updown-xe-fp32_ort",
+            "lite0-aoanet_slim-xe-int8", "lite0-transformer_slim-xe-int8_ort"} <= set(names)
+    assert not any("_slim-xe_" in n for n in names)  # the slim decoders are not pruned
     assert not any(n.startswith("r50-") and "_slim" in n for n in names)  # compared with the family baseline
     stages = [v.stage(c) for v in variants]
     assert stages.count("baseline") == 3 and stages.count("distill") == 1 and stages.count("scst") == 3
@@ -215,6 +218,19 @@ def test_importing_the_grid_does_not_import_torch():
     """The Snakefile imports it: planning the DAG must not wait for torch."""
     code = "import sys, captioning.variants, captioning.config; sys.exit('torch' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_decoders_left_out_of_the_pruning_sweep_are_quantized_only():
+    c = _small()
+    c["compress"]["decoders"] = ["u", "u_slim"]
+    c["compress"]["prune"]["decoders"] = ["u"]
+    names = [v.name for v in grid(c)]
+    slim = [n for n in names if n.startswith("small-u_slim-") and "-kd-" not in n]
+    assert slim == ["small-u_slim-xe-fp32", "small-u_slim-xe-int8", "small-u_slim-xe-int8_ort"]
+    assert [n for n in names if "_global0-" in n] == ["small-u-xe_global0-fp32"]  # u's control only
+    assert Variant.parse("small-u_slim-xe-int8").stage(c) == "quantize"
+    c["compress"]["prune"]["decoders"] = None  # every compress decoder
+    assert "small-u_slim-xe_gradual0.5-int8" in [v.name for v in grid(c)]
 
 
 def test_the_dense_control_can_be_turned_off():

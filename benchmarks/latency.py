@@ -3,9 +3,9 @@
 One image file in, one caption string out (load, resize, normalise, encoder, beam search, decode),
 batch 1, beam 3, one thread for torch and for ONNX Runtime; the median of ``--runs`` timed
 captions after ``--warmup`` untimed ones, cycling over tests/data/coco5's images. Per decoder
-family (updown, aoanet, transformer):
+(``--decoders``, default the three families and their slim variants):
 
-    r50 fp32 torch     the baseline (resnet50 encoder)
+    r50 fp32 torch     the baseline (resnet50 encoder, with the family's decoder: a slim variant's baseline)
     lite0 fp32 torch   tf_efficientnet_lite0 encoder
     lite0 int8 torch   ``quantize_captioner(..., "int8")``: dynamic int8 decoder, int8-grid encoder weights
     lite0 fp32 ORT     the same model's ONNX graphs on ONNX Runtime
@@ -20,7 +20,7 @@ weights happen to stop. ``--run RUN_DIR`` times a finished run's artifacts inste
 tests/data/coco5 holds 2 training images, so the 32 calibration images are random crops and flips
 of them (a real run calibrates on ``compress.calibration_images`` training images).
 
-    .venv/bin/python benchmarks/latency.py [--runs 20] [--warmup 3] [--run work/synth]
+    .venv/bin/python benchmarks/latency.py [--runs 20] [--warmup 3] [--run work/synth] [--decoders updown ...]
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ from captioning.deploy.ort_quantize import has_vnni, encoder_ranges, quantize_gr
 from captioning.deploy.ort_search import OrtCaptioner  # noqa: E402
 from captioning.encoders import create_encoder  # noqa: E402
 from captioning.models import create_decoder  # noqa: E402
-from captioning.variants import decoder_settings  # noqa: E402
+from captioning.variants import decoder_family, decoder_settings  # noqa: E402
 
-FAMILIES = ("updown", "aoanet", "transformer")
+DECODERS = ("updown", "aoanet", "transformer", "updown_slim", "aoanet_slim", "transformer_slim")
 ROWS = ("r50 fp32 torch", "lite0 fp32 torch", "lite0 int8 torch", "lite0 fp32 ORT", "lite0 int8 ORT")
 ARTIFACT_QUANT = dict(zip(ROWS, ("fp32", "fp32", "int8", "fp32_ort", "int8_ort")))
 IMAGES = sorted((ROOT / "tests/data/coco5").glob("*/*.jpg"))
@@ -78,36 +78,38 @@ def calibration_images(encoder) -> torch.Tensor:
     return torch.stack(out)
 
 
-def random_captioner(timm_name: str, img_size: int, family: str, config: dict) -> Captioner:
+def random_captioner(timm_name: str, img_size: int, dec: str, config: dict) -> Captioner:
     """A random-init captioner at the experiment's widths whose captions never end before MAX_LEN."""
     encoder = create_encoder(timm_name, img_size=img_size)
-    settings = {k: v for k, v in decoder_settings(config, family).items() if k not in ("arch", "train", "variant_of")}
-    decoder = create_decoder(config["decoders"][family]["arch"], vocab_size=WORDS, feat_dim=encoder.feat_dim,
-                             **settings)
-    head = decoder.generator if family == "transformer" else decoder.logit
+    settings = decoder_settings(config, dec)
+    arch = settings["arch"]
+    settings = {k: v for k, v in settings.items() if k not in ("arch", "train", "variant_of")}
+    decoder = create_decoder(arch, vocab_size=WORDS, feat_dim=encoder.feat_dim, **settings)
+    head = decoder.generator if arch == "transformer" else decoder.logit
     with torch.no_grad():
         head.bias[0] = -1e4  # the end token (class 0): never chosen, so every caption is MAX_LEN words
     return Captioner(encoder, decoder, {i: f"w{i}" for i in range(1, WORDS + 1)}, MAX_LEN)
 
 
-def random_models(family: str, config: dict) -> dict:
-    """The five captioners of a family, random-init (see the module docstring)."""
+def random_models(dec: str, config: dict) -> dict:
+    """The five captioners of a decoder, random-init (see the module docstring)."""
     size = {name: config["encoders"][name]["img_size"] for name in ("r50", "lite0")}
-    lite0 = random_captioner("tf_efficientnet_lite0", size["lite0"], family, config)
+    lite0 = random_captioner("tf_efficientnet_lite0", size["lite0"], dec, config)
     graphs = export_captioner(lite0)
     ranges = encoder_ranges(graphs["encoder"], calibration_images(lite0.encoder).numpy())
     ort_fp32, ort_int8 = OrtCaptioner(graphs, lite0.itow, MAX_LEN), OrtCaptioner(
         quantize_graphs(graphs, ranges), lite0.itow, MAX_LEN)
     ort_fp32.torch = ort_int8.torch = lite0  # image files are read by the torch encoder's settings
-    return dict(zip(ROWS, (random_captioner("resnet50", size["r50"], family, config), lite0,
+    return dict(zip(ROWS, (random_captioner("resnet50", size["r50"], decoder_family(config, dec), config), lite0,
                            quantize_captioner(lite0, "int8"), ort_fp32, ort_int8)))
 
 
-def run_models(family: str, run_dir: Path) -> dict:
-    """The five captioners of a family from a finished run's artifacts."""
+def run_models(dec: str, family: str, run_dir: Path) -> dict:
+    """The five captioners of a decoder from a finished run's artifacts (r50: the family's baseline)."""
     out = {}
     for row in ROWS:
-        path = run_dir / "artifacts" / f"{row.split()[0]}-{family}-xe-{ARTIFACT_QUANT[row]}.capz"
+        enc = row.split()[0]
+        path = run_dir / "artifacts" / f"{enc}-{family if enc == 'r50' else dec}-xe-{ARTIFACT_QUANT[row]}.capz"
         out[row] = load_captioner(path, device="cpu", threads=1)
     return out
 
@@ -130,6 +132,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="timed captions per model (median)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed captions first")
     ap.add_argument("--run", type=Path, help="a finished run's folder (work/<dataset>): time its artifacts")
+    ap.add_argument("--decoders", nargs="+", default=list(DECODERS), help="config.yaml decoders entries to time")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -144,14 +147,18 @@ def main() -> None:
               f"{len(TRAIN_IMAGES)} training images")
     print(f"per image: file -> caption, batch 1, beam {BEAM}, 1 thread; median of {args.runs} after "
           f"{args.warmup} warm-up; ms\n")
-    config = yaml.safe_load((ROOT / "config.yaml").read_text()) if not args.run else None
-    print("| family | " + " | ".join(ROWS) + " | ORT int8 vs lite0 fp32 torch | ORT int8 vs r50 fp32 torch |")
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    unknown = [d for d in args.decoders if d not in config["decoders"]]
+    if unknown:
+        raise SystemExit(f"--decoders: '{unknown[0]}' is not a decoders entry of config.yaml")
+    print("| decoder | " + " | ".join(ROWS) + " | ORT int8 vs lite0 fp32 torch | ORT int8 vs r50 fp32 torch |")
     print("|---" * (len(ROWS) + 3) + "|")
-    for family in FAMILIES:
-        models = run_models(family, args.run) if args.run else random_models(family, config)
+    for dec in args.decoders:
+        family = decoder_family(config, dec)
+        models = run_models(dec, family, args.run) if args.run else random_models(dec, config)
         ms = {row: median_ms(models[row], args.runs, args.warmup, None if args.run else MAX_LEN) for row in ROWS}
         int8 = ms["lite0 int8 ORT"]
-        print(f"| {family} | " + " | ".join(f"{ms[row]:.1f}" for row in ROWS)
+        print(f"| {dec} | " + " | ".join(f"{ms[row]:.1f}" for row in ROWS)
               + f" | {ms['lite0 fp32 torch'] / int8:.1f}x faster | {ms['r50 fp32 torch'] / int8:.1f}x faster |",
               flush=True)
 

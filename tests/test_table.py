@@ -6,7 +6,7 @@ import pytest
 
 from captioning.errors import UserError
 from captioning.io import write_json
-from captioning.results.summary import best_within, compression_rows, summary_markdown
+from captioning.results.summary import best_within, compression_rows, fastest_within, summary_markdown
 from captioning.results.table import COLUMNS, build_table, quality_references, write_results
 
 N_IMAGES = 40
@@ -123,12 +123,31 @@ def test_summary_budgets_take_compression_rows_only(tmp_path):
     assert "| 1% | `small-ud-int8` | 3.00 | 97.0% | 0.9950 | -0.50% |" in text
 
 
+def test_summary_gives_latency_against_the_baseline_and_the_fastest_row_within_each_budget(tmp_path):
+    ms = {"big-ud-xe": 40.0, "small-ud-p9": 8.0, "small-ud-int8": 5.0, "small-ud-p5": 4.0}
+    rows = [dict(r, latency_ms=ms.get(r["variant"], 20.0)) for r in ROWS]
+    rows.append(row("small-ud_fat-xe", "small", "architecture", 120.0, 1.0, decoder="ud_fat", family="ud",
+                    latency_ms=1.0))  # the fastest, but not smaller
+    df = build_table(_metrics(tmp_path, rows), BASELINES)
+    ud = compression_rows(df[df["family"] == "ud"])
+    assert fastest_within(ud, 2.0)["variant"] == "small-ud-p5"    # -1.0%
+    assert fastest_within(ud, 0.6)["variant"] == "small-ud-int8"  # -0.5%; p5 (-1.0%) is not within
+    text = summary_markdown(df)
+    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% | 0.9850 | -1.50% | 8.0 | 5.0× |" in text
+    assert "- Fastest within 2%: `small-ud-p5`, 4.0 ms per image, 10.0× faster than the baseline, 94.0% smaller, " \
+           "CIDEr -1.00%." in text
+    for r in rows:
+        r["latency_ms"] = None  # not timed: dashes, no fastest line
+    text = summary_markdown(build_table(_metrics(tmp_path, rows), BASELINES))
+    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% | 0.9850 | -1.50% | – | – |" in text and "Fastest" not in text
+
+
 def test_summary_shows_intervals_and_marks_significant_losses(tmp_path):
     rows = ROWS + [row("small-ud-p8", "small", "prune", 1.5, 0.982, prune_method="global", prune_ratio=0.8)]
     text = summary_markdown(build_table(_metrics(tmp_path, rows, per_image=True), BASELINES))
     ud = text[text.index("## ud"):]
     line = next(x for x in ud.splitlines() if x.startswith("| 2% |"))
-    assert "`small-ud-p8`" in line and "-1.80% [" in line and line.endswith("significant loss |")
+    assert "`small-ud-p8`" in line and "-1.80% [" in line and "significant loss |" in line
     # the pruning sweep against its control: same fine-tuning, nothing pruned
     assert "Pruning against the dense control `small-ud-ctl` (CIDEr 1.0000)" in text
     p5 = next(x for x in text.splitlines() if x.startswith("| `small-ud-p5` |"))

@@ -1,5 +1,6 @@
 """The paper's kind of summary, made hard to flatter: per family, the largest size reduction within a
-CIDEr budget, judged against the quality reference and shown with its interval.
+CIDEr budget, judged against the quality reference and shown with its interval, and the fastest
+row within it: the product's aim is a model both small and fast.
 
 Only compression rows compete for a budget: encoder replacement, architecture changes, pruning and
 quantization of cross-entropy-trained decoders. SCST and distilled rows change the training, not
@@ -29,14 +30,26 @@ def compression_rows(g: pd.DataFrame) -> pd.DataFrame:
     return g[g["stage"].isin(COMPRESSION_STAGES) & (g["training"].fillna("xe") == "xe")]
 
 
+def _within(df: pd.DataFrame, max_loss_pct: float) -> pd.DataFrame:
+    """Rows whose CIDEr fell by at most ``max_loss_pct`` percent (point estimate) and that are smaller
+    than the baseline: a row no smaller compressed nothing, so it never fills a budget."""
+    return df[(df["cider_change_pct"] >= -max_loss_pct) & (df["size_reduction_pct"] > 0)]
+
+
 def best_within(df: pd.DataFrame, max_loss_pct: float) -> pd.Series | None:
-    """The row with the largest size reduction whose CIDEr fell by at most ``max_loss_pct`` percent
-    (point estimate; its interval is shown beside it). A row no smaller than the baseline compressed
-    nothing, so it never fills a budget."""
-    ok = df[(df["cider_change_pct"] >= -max_loss_pct) & (df["size_reduction_pct"] > 0)]
+    """The row with the largest size reduction within the budget (its interval is shown beside it)."""
+    ok = _within(df, max_loss_pct)
     if ok.empty:
         return None
     return ok.sort_values(["size_reduction_pct", "CIDEr"], ascending=False).iloc[0]
+
+
+def fastest_within(df: pd.DataFrame, max_loss_pct: float) -> pd.Series | None:
+    """The row with the lowest latency within the budget; None when no row within it was timed."""
+    ok = _within(df, max_loss_pct).dropna(subset=["latency_ms"])
+    if ok.empty:
+        return None
+    return ok.sort_values(["latency_ms", "variant"]).iloc[0]
 
 
 def fmt_change(change: float, low: float, high: float) -> str:
@@ -63,8 +76,10 @@ def summary_markdown(df: pd.DataFrame) -> str:
              f"In brackets, the {LEVEL:.0%} interval of the change: a paired bootstrap over the "
              f"{n_images if n_images else '?'} test images, {N_RESAMPLES} resamples; a change whose whole "
              "interval lies below zero is marked as a significant loss. Budgets are filled by compression "
-             "rows only (encoder replacement, architecture changes, pruning, quantization). The paper "
-             "(Atliha & Šešok 2022) reached at least 91% at no more than 2% CIDEr loss.", ""]
+             "rows only (encoder replacement, architecture changes, pruning, quantization) smaller than the "
+             "baseline. Latency is the median per test image (batch 1, beam search, `evaluate.threads` CPU "
+             "threads, image decoding excluded), every variant timed in the run's one latency job, so the ratios compare. "
+             "The paper (Atliha & Šešok 2022) reached at least 91% at no more than 2% CIDEr loss.", ""]
     for family, g in df.groupby("family", sort=True):
         lines += [f"## {family}", ""]
         base = g[g["stage"] == "baseline"]
@@ -85,7 +100,7 @@ def summary_markdown(df: pd.DataFrame) -> str:
                          f"{spread['min']:.4f}–{spread['max']:.4f}), beside the bootstrap intervals below, which "
                          "cover test-image noise only.")
         lines.append("")
-        lines += _budget_rows(compression_rows(g))
+        lines += _budget_rows(compression_rows(g), base.iloc[0] if not base.empty else None)
         lines.append("")
         lines += _control_rows(g, per_image)
     lines += _training_rows(df, per_image)
@@ -133,17 +148,39 @@ def _seed_rows(df: pd.DataFrame) -> list[str]:
             "|---|---|---|---|---|---|", *rows, ""]
 
 
-def _budget_rows(g: pd.DataFrame) -> list[str]:
-    lines = ["| CIDEr loss at most | best variant | size (MB) | size reduction | CIDEr | CIDEr change [95% CI] |",
-             "|---|---|---|---|---|---|"]
+def _speed(r: pd.Series, base: pd.Series | None) -> str:
+    """``12.3 | 4.1×``: the row's latency and how many times the baseline's it is ("–" when not timed)."""
+    ms = r.get("latency_ms")
+    if ms is None or pd.isna(ms):
+        return "– | –"
+    b = None if base is None else base.get("latency_ms")
+    ratio = "–" if b is None or pd.isna(b) or not ms > 0 else f"{b / ms:.1f}×"
+    return f"{ms:.1f} | {ratio}"
+
+
+def _budget_rows(g: pd.DataFrame, base: pd.Series | None) -> list[str]:
+    """Per budget, the smallest variant within it; below the table, the fastest (latency per image
+    from the run's one latency job, so the ratios compare)."""
+    lines = ["| CIDEr loss at most | smallest variant | size (MB) | size reduction | CIDEr | CIDEr change [95% CI] | "
+             "latency (ms) | faster than the baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    fastest = []
     for budget in BUDGETS:
         r = best_within(g, budget)
         if r is None:
-            lines.append(f"| {budget:g}% | none | – | – | – | – |")
-        else:
-            lines.append(f"| {budget:g}% | `{r['variant']}` | {r['size_mb']:.2f} | {r['size_reduction_pct']:.1f}% | "
-                         f"{r['CIDEr']:.4f} | {fmt_change(r['cider_change_pct'], r['cider_change_lo'], r['cider_change_hi'])} |")
-    return lines
+            lines.append(f"| {budget:g}% | none | – | – | – | – | – | – |")
+            continue
+        lines.append(f"| {budget:g}% | `{r['variant']}` | {r['size_mb']:.2f} | {r['size_reduction_pct']:.1f}% | "
+                     f"{r['CIDEr']:.4f} | {fmt_change(r['cider_change_pct'], r['cider_change_lo'], r['cider_change_hi'])} | "
+                     f"{_speed(r, base)} |")
+        f = fastest_within(g, budget)
+        if f is not None:
+            ms, ratio = _speed(f, base).split(" | ")
+            fastest.append(f"- Fastest within {budget:g}%: `{f['variant']}`, {ms} ms per image"
+                           + ("" if ratio == "–" else f", {ratio} faster than the baseline") + ", "
+                           f"{f['size_reduction_pct']:.1f}% smaller, CIDEr "
+                           f"{fmt_change(f['cider_change_pct'], f['cider_change_lo'], f['cider_change_hi'])}.")
+    return lines + ([""] + fastest if fastest else [])
 
 
 def _control_rows(g: pd.DataFrame, per_image: dict) -> list[str]:

@@ -207,8 +207,9 @@ class Variant:
 def grid(config: dict) -> list[Variant]:
     """Every table row, once, in table order: baseline and encoder replacement for every encoder and
     its decoders; then for the compress encoders and decoders every quantization of the dense
-    decoders and of those pruned (``pruned_decoders``), the dense decoders on ONNX Runtime, and the dense control (fp32); then the distilled and the SCST rows; then, with
-    ``seeds`` > 1, the dense references (baseline, encoder and control rows) under the other seeds."""
+    decoders and of the pruned ones (``pruned_decoders``), the dense decoders on ONNX Runtime, and
+    the dense control (fp32); then the distilled and the SCST rows; then, with ``seeds`` > 1, the
+    dense references (baseline, encoder, tuning and control rows) under the other seeds."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.

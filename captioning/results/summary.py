@@ -78,8 +78,9 @@ def summary_markdown(df: pd.DataFrame) -> str:
              "interval lies below zero is marked as a significant loss. Budgets are filled by compression "
              "rows only (encoder replacement, architecture changes, pruning, quantization) smaller than the "
              "baseline. Latency is the median per test image (batch 1, beam search, `evaluate.threads` CPU "
-             "threads, image decoding excluded), every variant timed in the run's one latency job, so the ratios compare. "
-             "The paper (Atliha & Šešok 2022) reached at least 91% at no more than 2% CIDEr loss.", ""]
+             "threads, image decoding excluded), every variant timed in the run's one latency job, so the "
+             "ratios compare. The paper (Atliha & Šešok 2022) reached at least 91% at no more than 2% CIDEr "
+             "loss.", ""]
     for family, g in df.groupby("family", sort=True):
         lines += [f"## {family}", ""]
         base = g[g["stage"] == "baseline"]
@@ -148,6 +149,11 @@ def _seed_rows(df: pd.DataFrame) -> list[str]:
             "|---|---|---|---|---|---|", *rows, ""]
 
 
+def _row_change(r: pd.Series) -> str:
+    """A table row's CIDEr change against its quality reference, with its interval."""
+    return fmt_change(r["cider_change_pct"], r["cider_change_lo"], r["cider_change_hi"])
+
+
 def _speed(r: pd.Series, base: pd.Series | None) -> str:
     """``12.3 | 4.1×``: the row's latency and how many times the baseline's it is ("–" when not timed)."""
     ms = r.get("latency_ms")
@@ -171,15 +177,13 @@ def _budget_rows(g: pd.DataFrame, base: pd.Series | None) -> list[str]:
             lines.append(f"| {budget:g}% | none | – | – | – | – | – | – |")
             continue
         lines.append(f"| {budget:g}% | `{r['variant']}` | {r['size_mb']:.2f} | {r['size_reduction_pct']:.1f}% | "
-                     f"{r['CIDEr']:.4f} | {fmt_change(r['cider_change_pct'], r['cider_change_lo'], r['cider_change_hi'])} | "
-                     f"{_speed(r, base)} |")
+                     f"{r['CIDEr']:.4f} | {_row_change(r)} | {_speed(r, base)} |")
         f = fastest_within(g, budget)
         if f is not None:
             ms, ratio = _speed(f, base).split(" | ")
             fastest.append(f"- Fastest within {budget:g}%: `{f['variant']}`, {ms} ms per image"
-                           + ("" if ratio == "–" else f", {ratio} faster than the baseline") + ", "
-                           f"{f['size_reduction_pct']:.1f}% smaller, CIDEr "
-                           f"{fmt_change(f['cider_change_pct'], f['cider_change_lo'], f['cider_change_hi'])}.")
+                           + ("" if ratio == "–" else f", {ratio} faster than the baseline")
+                           + f", {f['size_reduction_pct']:.1f}% smaller, CIDEr {_row_change(f)}.")
     return lines + ([""] + fastest if fastest else [])
 
 

@@ -119,8 +119,8 @@ def test_summary_budgets_take_compression_rows_only(tmp_path):
     assert "- Quality reference: `small-ud-ctl`, 10.00 MB, CIDEr 1.0000." in text
     assert "- Size reference (baseline): `big-ud-xe`, 100.00 MB, CIDEr 0.8000." in text
     assert "The baseline scores -20.0% CIDEr against the quality reference" in text
-    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% | 0.9850 | -1.50% |" in text
-    assert "| 1% | `small-ud-int8` | 3.00 | 97.0% | 0.9950 | -0.50% |" in text
+    assert "| 2% | `small-ud-p9` | 2.00 | 98.00% | 0.9850 | -1.50% |" in text
+    assert "| 1% | `small-ud-int8` | 3.00 | 97.00% | 0.9950 | -0.50% |" in text
 
 
 def test_summary_gives_latency_against_the_baseline_and_the_fastest_row_within_each_budget(tmp_path):
@@ -133,13 +133,13 @@ def test_summary_gives_latency_against_the_baseline_and_the_fastest_row_within_e
     assert fastest_within(ud, 2.0)["variant"] == "small-ud-p5"    # -1.0%
     assert fastest_within(ud, 0.6)["variant"] == "small-ud-int8"  # -0.5%; p5 (-1.0%) is not within
     text = summary_markdown(df)
-    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% | 0.9850 | -1.50% | 8.0 | 5.0× |" in text
-    assert "- Fastest within 2%: `small-ud-p5`, 4.0 ms per image, 10.0× faster than the baseline, 94.0% smaller, " \
+    assert "| 2% | `small-ud-p9` | 2.00 | 98.00% | 0.9850 | -1.50% | 8.0 | 5.0× |" in text
+    assert "- Fastest within 2%: `small-ud-p5`, 4.0 ms per image, 10.0× faster than the baseline, 94.00% smaller, " \
            "CIDEr -1.00%." in text
     for r in rows:
         r["latency_ms"] = None  # not timed: dashes, no fastest line
     text = summary_markdown(build_table(_metrics(tmp_path, rows), BASELINES))
-    assert "| 2% | `small-ud-p9` | 2.00 | 98.0% | 0.9850 | -1.50% | – | – |" in text and "Fastest" not in text
+    assert "| 2% | `small-ud-p9` | 2.00 | 98.00% | 0.9850 | -1.50% | – | – |" in text and "Fastest" not in text
 
 
 def test_summary_shows_intervals_and_marks_significant_losses(tmp_path):

@@ -176,14 +176,14 @@ def _budget_rows(g: pd.DataFrame, base: pd.Series | None) -> list[str]:
         if r is None:
             lines.append(f"| {budget:g}% | none | – | – | – | – | – | – |")
             continue
-        lines.append(f"| {budget:g}% | `{r['variant']}` | {r['size_mb']:.2f} | {r['size_reduction_pct']:.1f}% | "
+        lines.append(f"| {budget:g}% | `{r['variant']}` | {r['size_mb']:.2f} | {r['size_reduction_pct']:.2f}% | "
                      f"{r['CIDEr']:.4f} | {_row_change(r)} | {_speed(r, base)} |")
         f = fastest_within(g, budget)
         if f is not None:
             ms, ratio = _speed(f, base).split(" | ")
             fastest.append(f"- Fastest within {budget:g}%: `{f['variant']}`, {ms} ms per image"
                            + ("" if ratio == "–" else f", {ratio} faster than the baseline")
-                           + f", {f['size_reduction_pct']:.1f}% smaller, CIDEr {_row_change(f)}.")
+                           + f", {f['size_reduction_pct']:.2f}% smaller, CIDEr {_row_change(f)}.")
     return lines + ([""] + fastest if fastest else [])
 
 

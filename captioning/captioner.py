@@ -112,7 +112,8 @@ def quantize_captioner(captioner: Captioner, mode: str) -> Captioner:
     """A new Captioner holding exactly what ``pack_model(..., quantization=mode)`` then
     ``load_captioner`` would give: same weights, same runtime, hence the same captions."""
     check_mode(mode)
-    groups = roundtrip(captioner.state_groups(), mode)
+    held = captioner.state_groups()
+    groups = roundtrip(stored_groups(captioner.encoder, held["decoder"], held["encoder"]), mode)
     return _build(captioner.encoder.config(), captioner.decoder.config, groups, captioner.itow,
                   captioner.max_length, mode, captioner.device, "captioner")
 
@@ -131,6 +132,15 @@ def _max_length(value, where: str, key: str) -> int:
 
 
 RUNTIMES = ("torch", "onnxruntime")
+
+
+def stored_groups(encoder, decoder_state: dict, encoder_state: dict | None = None) -> dict:
+    """The float tensors an artifact stores: the encoder's (default: its own) with each batch norm
+    folded into its convolution (``compress.fold``), and ``decoder_state`` as it is."""
+    from .compress.fold import folded_state
+
+    sample = torch.randn(1, 3, encoder.img_size, encoder.img_size, generator=torch.Generator().manual_seed(0))
+    return {"encoder": folded_state(encoder, sample, encoder_state), "decoder": decoder_state}
 
 
 def check_runtime(runtime: str, mode: str) -> str:
@@ -155,7 +165,7 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
     """
     mode, max_length = check_mode(quantization), _max_length(max_length, str(out), "max_length")
     check_runtime(runtime, mode)
-    groups = {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
+    groups = stored_groups(encoder, decoder.state_dict())
     rt = {"quantization": mode, "engine": runtime}
     if (runtime, mode) == ("onnxruntime", "int8"):
         if calibration is None or len(calibration) == 0:
@@ -194,7 +204,7 @@ def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: st
     from .io import read_json
 
     encoder, decoder = load_encoder(encoder_path), load_decoder(decoder_path)
-    groups = {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
+    groups = stored_groups(encoder, decoder.state_dict())
     storage = {**measured_sparsity(decoder), "floor_bytes": storage_floor_bytes(groups, quantization)}
     itow, vocab_json = load_vocab(prepared_dir), Path(prepared_dir) / "vocab.json"
     max_length = _max_length(read_json(vocab_json).get("max_length"), str(vocab_json), "max_length")

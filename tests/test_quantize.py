@@ -124,7 +124,10 @@ def test_policy_per_mode_and_kind_of_tensor():
     assert encoding_for("fp16", "decoder", "bias", b) == "fp16"
     assert encoding_for("int8", "encoder", "bn.num_batches_tracked", torch.tensor(5)) == "raw"
     assert encoding_for("int8", "encoder", "conv.weight", _tensor((8, 4, 3, 3))) == "int8_row"
-    assert encoding_for("fp16", "encoder", "bn.running_var", torch.full((4,), 1e6)) == "raw"  # fp16 overflow
+    assert encoding_for("fp16", "encoder", "bn.running_var", torch.tensor([1e6, 2e6, 3.0, 4.0])) == "raw"  # fp16 overflow
+    # one repeated value (a folded batch norm's constants, an emptied weight) is stored once, in any mode
+    assert [encoding_for(m, "encoder", "bn.weight", torch.ones(4)) for m in QUANT_MODES] == ["const"] * 3
+    assert encoding_for("int8", "decoder", "w", torch.zeros(20, 30)) == "const"
 
 
 def test_sparse_is_chosen_only_when_smaller():
@@ -175,9 +178,10 @@ def test_artifact_shrinks_with_quantization_and_sparsity(tmp_path, model_groups)
 def test_storage_floor_formula():
     t = _tensor((10, 8), zeros=0.5)
     nnz = int((t != 0).sum())
-    groups = {"d": {"w": t, "b": torch.ones(10), "n": torch.tensor(3)}}
-    # int8: w sparse (nnz x 8 + 80 mask bits + 10 scales x 32); b raw fp32; n raw int64
-    assert storage_floor_bytes(groups, "int8") == -(-(nnz * 8 + 80 + 320 + 10 * 32 + 64) // 8)
+    groups = {"d": {"w": t, "b": torch.arange(1.0, 11.0), "one": torch.ones(10), "n": torch.tensor(3)}}
+    # int8: w sparse (nnz x 8 + 80 mask bits + 10 scales x 32); b raw fp32; one: const (one fp32 value);
+    # n raw int64
+    assert storage_floor_bytes(groups, "int8") == -(-(nnz * 8 + 80 + 320 + 10 * 32 + 32 + 64) // 8)
     assert storage_floor_bytes({"d": {"w": t}}, "fp32") == -(-(nnz * 32 + 80) // 8)
 
 

@@ -1,9 +1,11 @@
-"""Compact tensor encodings for the .capz artifact: fp16, per-row int8, and sparse (bitmask) forms.
+"""Compact tensor encodings for the .capz artifact: fp16, per-row int8, sparse (bitmask) and constant forms.
 
 Pruning masks alone do not shrink a file, and torch's COO/CSR formats are larger than dense,
 so a pruned tensor is stored as a bitmask of its nonzeros (1 bit per element, ``np.packbits``)
 plus only the nonzero values. Those values are in turn stored as fp32, fp16 or int8, which
-gives the six encodings below. Each one decodes to a float32 tensor of the original shape.
+gives the six encodings below; each decodes to a float32 tensor of the original shape. A tensor
+whose elements are all one value (a folded batch norm's weight, mean and variance; see ``fold``)
+is stored as that one value, in its own dtype (``const``).
 
 int8 is symmetric per row: row = dim 0 (a Linear's output unit, a conv's output channel),
 the rest flattened; a 1-D tensor is one row. ``scale = max|row| / 127`` (at least float32
@@ -54,7 +56,26 @@ def _layout_raw(shape, dtype, nnz):
     return {"data": (RAW_DTYPES[dtype], tuple(shape))} if dtype in RAW_DTYPES else None
 
 
-ENCODINGS: dict[str, Encoding] = {"raw": Encoding(_enc_raw, _dec_raw, _layout_raw)}
+def is_constant(t: torch.Tensor) -> bool:
+    """Whether ``t`` has more than one element, all equal (stored as one value, ``const``)."""
+    flat = t.detach().reshape(-1)
+    return flat.numel() > 1 and bool((flat == flat[0]).all())
+
+
+def _enc_const(t: torch.Tensor):
+    return {}, {"value": t.detach().reshape(-1)[:1].contiguous().numpy()}
+
+
+def _dec_const(params, chunks, shape, dtype):
+    return torch.from_numpy(np.full(shape, chunks["value"][0], dtype=chunks["value"].dtype))
+
+
+def _layout_const(shape, dtype, nnz):
+    return {"value": (RAW_DTYPES[dtype], (1,))} if dtype in RAW_DTYPES else None
+
+
+ENCODINGS: dict[str, Encoding] = {"raw": Encoding(_enc_raw, _dec_raw, _layout_raw),
+                                  "const": Encoding(_enc_const, _dec_const, _layout_const)}
 
 
 def register_encoding(name: str, encode: Callable, decode: Callable, layout: Callable) -> None:

@@ -9,7 +9,8 @@ A mode is a storage policy plus a runtime step:
                                                         embedding, encoder convs: weight-only int8
 
 Every float tensor is stored sparsely (bitmask + nonzeros) instead when that takes fewer bytes,
-so pruned weights shrink the file in every mode. ``roundtrip`` applies exactly the artifact's
+so pruned weights shrink the file in every mode, and a tensor of one repeated value (a folded batch
+norm's constants) is stored as that value. ``roundtrip`` applies exactly the artifact's
 encode/decode to an in-memory model, so a quantized model in memory and the same model loaded
 from its artifact hold identical weights and write identical captions.
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..errors import UserError
 from . import artifact
-from .encodings import ROW_SCALED, SPARSE, VALUE_BITS, row_shape
+from .encodings import ROW_SCALED, SPARSE, VALUE_BITS, is_constant, row_shape
 
 # mode -> (dense encoding, sparse encoding) of its float weights
 _POLICY = {
@@ -67,6 +68,8 @@ def encoding_for(mode: str, group: str, name: str, tensor: torch.Tensor) -> str:
     """
     dense, sparse = _POLICY[check_mode(mode)]
     t = tensor.detach()
+    if is_constant(t):
+        return "const"
     if not t.is_floating_point() or t.numel() == 0:
         return "raw"  # counters such as BN num_batches_tracked
     if (mode == "int8" and t.ndim < 2) or (mode == "fp16" and bool(t.abs().max() > _FP16_MAX)):
@@ -102,6 +105,9 @@ def storage_floor_bytes(groups: dict[str, dict[str, torch.Tensor]], mode: str) -
     for group, state in groups.items():
         for name, t in state.items():
             enc = encoding_for(mode, group, name, t)
+            if enc == "const":
+                bits += t.element_size() * 8
+                continue
             bits += int(torch.count_nonzero(t)) * _value_bits(enc, t)
             bits += t.numel() if enc in SPARSE else 0
             bits += 32 * row_shape(t.shape)[0] if enc in ROW_SCALED else 0

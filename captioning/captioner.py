@@ -155,7 +155,8 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
                extra: dict | None = None, quantization: str = "fp32", runtime: str = "torch",
                calibration: torch.Tensor | None = None) -> int:
     """Write encoder + decoder + vocabulary + caption length limit as one artifact, tensors stored
-    per ``quantization`` (see ``compress.quantize``); returns its size in bytes.
+    per ``quantization`` (see ``compress.quantize``) after the encoder's batch norms are folded
+    (``stored_groups``); returns its size in bytes.
 
     ``runtime`` is the engine the artifact runs on by default. The stored tensors are the same for
     both: an ONNX Runtime artifact is rebuilt into ONNX graphs at load, which keeps the file as small

@@ -92,7 +92,7 @@ def config_problems(config: dict) -> list[str]:
     compress = config.get("compress", {})
     if compress.get("decoders") is not None:
         for name in compress.get("prune", {}).get("decoders") or []:
-            if name not in compress["decoders"]:
+            if name in decoders and name not in compress["decoders"]:  # else already reported above
                 problems.append(f"compress.prune.decoders: '{name}' is not one of compress.decoders "
                                 f"({', '.join(compress['decoders'])})")
     if config.get("baseline_encoder") in config.get("distill", {}).get("encoders", []):

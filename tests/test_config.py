@@ -83,10 +83,14 @@ def test_stage_decoders_and_their_names_are_checked():
     c["encoders"]["lite0"]["decoders"] = ["gru"]
     c["decoders"]["aoanet_slim"]["arch"] = "updown"
     c["distill"]["teacher_encoder"] = "vit"
-    c["compress"]["decoders"], c["compress"]["prune"]["decoders"] = ["updown", "aoanet"], ["updown", "updown_slim"]
+    c["compress"]["decoders"] = ["updown", "aoanet"]
+    c["compress"]["prune"]["decoders"] = ["updown", "updown_slim", "lstm"]
     lines = config_problems(c)
     assert "compress.prune.decoders: 'updown_slim' is not one of compress.decoders (updown, aoanet)" \
         in lines
+    # a name that is no decoder at all is reported once, as such
+    assert [line for line in lines if "'lstm'" in line and line.startswith("compress.prune")] == \
+        ["compress.prune.decoders: 'lstm' is not one of the decoders (" + ", ".join(c["decoders"]) + ")"]
     assert any(line.startswith("distill.teacher_encoder: 'vit' is not one of the encoders") for line in lines)
     assert any(line.startswith("scst.decoders: 'lstm' is not one of the decoders") for line in lines)
     assert any(line.startswith("encoders.lite0.decoders: 'gru' is not one of the decoders") for line in lines)

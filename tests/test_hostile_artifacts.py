@@ -60,7 +60,7 @@ def _entry(header, encoding: str) -> dict:
 
 def test_the_seeds_load_and_use_every_encoding(seeds, tmp_path):
     used = {e["encoding"] for header, _ in seeds.values() for e in header["tensors"]}
-    assert {"raw", "fp16", "int8_row", "sparse_raw", "sparse_int8"} <= used
+    assert {"raw", "const", "fp16", "int8_row", "sparse_raw", "sparse_int8"} <= used
     for header, payload in seeds.values():
         load_captioner(_write(tmp_path, header, payload))
 
@@ -194,6 +194,9 @@ def _chunk(name, **kv):
     ("int8", "sparse_int8", _chunk("scales", shape=[1], nbytes=4), r"chunk 'scales' should be <f4 \[\d+\]"),
     ("int8", "int8_row", _chunk("values", shape=[1, 1], nbytes=1), r"chunk 'values' should be \|i1 \[\d+, \d+\]"),
     ("fp16", "fp16", _chunk("data", dtype="<f4"), r"chunk 'data' should be <f2"),
+    # a constant is one value, whatever the shape it fills
+    ("fp32", "const", _chunk("value", shape=[2], nbytes=8), r"chunk 'value' should be <f4 \[1\]"),
+    ("fp32", "const", _set(dtype="complex64"), r"dtype 'complex64' cannot be stored as const"),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 12 else None)
 def test_malformed_tensor_entry(seeds, tmp_path, seed, encoding, change, match):
     _refused(_break(seeds, tmp_path, seed, encoding, change), match)
@@ -220,6 +223,11 @@ def test_non_finite_weights(seeds, tmp_path):
     c = _entry(header, "raw")["chunks"]["data"]
     payload = bytearray(payload)
     payload[c["offset"]:c["offset"] + 4] = struct.pack("<f", float("nan"))
+    _refused(_write(tmp_path, header, bytes(payload)), r"holds NaN or infinite values")
+    header, payload = copy.deepcopy(seeds["fp32"])
+    c = _entry(header, "const")["chunks"]["value"]
+    payload = bytearray(payload)
+    payload[c["offset"]:c["offset"] + 4] = struct.pack("<f", float("inf"))
     _refused(_write(tmp_path, header, bytes(payload)), r"holds NaN or infinite values")
 
 

@@ -187,8 +187,11 @@ class Variant:
         return "baseline" if self.enc == config["baseline_encoder"] else "encoder"
 
     def meta(self, config: dict) -> dict:
-        """What the variant is, recorded in its artifact and metrics: the table's identity columns."""
-        return {
+        """What the variant is, recorded in its artifact and metrics: the table's identity columns.
+        A distilled row also names its teacher (its fp32 row), so the summary can show what the
+        student kept; the other rows leave the key out, so their packing jobs' parameters stay as
+        they were."""
+        meta = {
             "variant": self.name,
             "dataset": config["dataset"]["name"],
             "encoder": self.enc,
@@ -202,14 +205,18 @@ class Variant:
             "runtime": self.runtime,
             "seed": config.get("seed", 0) + self.seed,
         }
+        if self.training == "kd":
+            meta["teacher"] = kd_teacher(config, self.enc, self.dec).name
+        return meta
 
 
 def grid(config: dict) -> list[Variant]:
     """Every table row, once, in table order: baseline and encoder replacement for every encoder and
     its decoders; then for the compress encoders and decoders every quantization of the dense
     decoders and of the pruned ones (``pruned_decoders``), the dense decoders on ONNX Runtime, and
-    the dense control (fp32); then the distilled and the SCST rows; then, with ``seeds`` > 1, the
-    dense references (baseline, encoder, tuning and control rows) under the other seeds."""
+    the dense control (fp32); then the distilled rows (in each of ``distill.quantization``) and the
+    SCST rows; then, with ``seeds`` > 1, the dense references (baseline, encoder, tuning and control
+    rows) under the other seeds."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.
@@ -229,8 +236,10 @@ def grid(config: dict) -> list[Variant]:
             # the dense control of the sweep: what every pruned row's extra fine-tuning alone gives
             out += [Variant(e, d, dstage_name("xe", p["method"], 0)) for d in pruned]
     for e in config["distill"]["encoders"]:
-        # each student beside the same decoder trained without a teacher
-        out += [Variant(e, d, t) for d in stage_decoders(config, "distill") for t in ("xe", "kd")]
+        # each student beside the same decoder trained without a teacher, then in its other quantizations
+        students = stage_decoders(config, "distill")
+        out += [Variant(e, d, t) for d in students for t in ("xe", "kd")]
+        out += [Variant(e, d, "kd", q) for d in students for q in config["distill"].get("quantization", ["fp32"])]
     for e in config["scst"]["encoders"]:
         out += [Variant(e, d, "scst", q) for d in stage_decoders(config, "scst")
                 for q in config["scst"]["quantization"]]

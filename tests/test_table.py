@@ -164,6 +164,21 @@ def test_summary_sets_scst_and_distilled_rows_beside_cross_entropy(tmp_path):
     assert "small-ud-scst" not in text[:text.index("## Training")]  # never in a budget
 
 
+def test_summary_sets_each_distilled_row_beside_its_teacher(tmp_path):
+    rows = ROWS + [row("small-ud-kd", "small", "distill", 10.0, 1.08, training="kd", teacher="small-ud-scst"),
+                   row("small-ud-kd8", "small", "quantize", 4.0, 1.14, training="kd", quantization="int8",
+                       teacher="small-ud-scst"),
+                   row("small-ud-kd-lost", "small", "distill", 10.0, 1.0, training="kd", teacher="absent")]
+    df = build_table(_metrics(tmp_path, rows, per_image=True), BASELINES)
+    text = summary_markdown(df)
+    students = text[text.index("## Distilled students"):]
+    assert "| `small-ud-kd` | `small-ud-scst` | 10.00 | 90.00% | 1.2000 | 1.0800 | -10.00% [" in students
+    assert "| `small-ud-kd8` | `small-ud-scst` | 4.00 | 96.00% | 1.2000 | 1.1400 | -5.00% [" in students
+    assert "small-ud-kd-lost" not in students  # a teacher not in the table: nothing to compare with
+    assert "small-ud-kd8" not in text[:text.index("## Training")]  # an SCST teacher's gain fills no budget
+    assert "teacher" in df.columns and pd.isna(df.set_index("variant").loc["small-ud-p5", "teacher"])
+
+
 def test_latency_file_replaces_the_metrics_latency_and_must_cover_every_variant(tmp_path):
     files = _metrics(tmp_path, ROWS)
     write_json(tmp_path / "lat.json", {r["variant"]: 100.0 + k for k, r in enumerate(ROWS)})

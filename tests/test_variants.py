@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -122,6 +123,8 @@ def test_meta_is_the_tables_identity_columns_in_order():
     }
     assert list(meta) == ["variant", "dataset", "encoder", "decoder", "family", "stage", "training",
                           "prune_method", "prune_ratio", "quantization", "runtime", "seed"]
+    # a distilled row names its teacher too (the table's last identity column)
+    assert Variant.parse("lite0-updown_slim-kd-int8").meta(_config())["teacher"] == "lite0-updown-scst-fp32"
 
 
 def test_runtime_is_a_suffix_of_the_quantization():
@@ -170,9 +173,9 @@ def test_default_grid():
     # xe rows: r50 x 3 families + lite0 x 6 decoders = 9; compress: lite0 x 3 pruned decoders x
     # (xe + 5 global ratios + gradual0.9 + gradual_lamp0.9) x 2 quantizations = 48, less the 3 dense fp32 rows
     # already there, plus the 3 slim decoders in int8 (their fp32 rows are there), plus 6 dense decoders x
-    # (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: updown_slim kd (its xe row is there);
-    # scst: 3 decoders.
-    assert len(variants) == 9 + 45 + 3 + 12 + 3 + 1 + 3 == 76
+    # (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: the 3 slim decoders' kd rows in
+    # fp32 and int8 (their xe rows are there); scst: 3 decoders.
+    assert len(variants) == 9 + 45 + 3 + 12 + 3 + 6 + 3 == 81
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))
@@ -182,7 +185,8 @@ def test_default_grid():
     assert not any("_slim-xe_" in n for n in names)  # the slim decoders are not pruned
     assert not any(n.startswith("r50-") and "_slim" in n for n in names)  # compared with the family baseline
     stages = [v.stage(c) for v in variants]
-    assert stages.count("baseline") == 3 and stages.count("distill") == 1 and stages.count("scst") == 3
+    assert stages.count("baseline") == 3 and stages.count("distill") == 3 and stages.count("scst") == 3
+    assert "lite0-transformer_slim-kd-int8" in names
     assert [n for n, s in zip(names, stages) if s == "control"] == [
         f"lite0-{d}-xe_global0-fp32" for d in ("updown", "aoanet", "transformer")]
 
@@ -197,6 +201,22 @@ def test_small_grid_equals_the_hand_written_rows_in_order():
         "small-u_slim-kd-fp32",
         "small-u-scst-fp32", "small-u-scst-int8",
     ]
+
+
+def test_distilled_students_in_each_quantization_never_fill_a_budget():
+    from captioning.results.summary import compression_rows
+
+    c = _small()
+    c["distill"]["quantization"] = ["fp32", "int8"]
+    names = [v.name for v in grid(c)]
+    assert [n for n in names if "-kd-" in n] == ["small-u_slim-kd-fp32", "small-u_slim-kd-int8"]
+    kd8 = Variant.parse("small-u_slim-kd-int8")
+    assert (kd8.stage(c), kd8.training) == ("quantize", "kd")
+    rows = pd.DataFrame([v.meta(c) for v in grid(c)])
+    # a compression row of a decoder trained another way than cross-entropy: the teacher's gain is no
+    # compression's, so it is compared with cross-entropy only in the training section
+    assert "small-u_slim-kd-int8" not in set(compression_rows(rows)["variant"])
+    assert "small-u-xe_global0.5-int8" in set(compression_rows(rows)["variant"])
 
 
 def test_stages_turned_off_leave_the_cross_entropy_rows():

@@ -105,6 +105,7 @@ def summary_markdown(df: pd.DataFrame) -> str:
         lines.append("")
         lines += _control_rows(g, per_image)
     lines += _training_rows(df, per_image)
+    lines += _student_rows(df, per_image)
     lines += _seed_rows(df)
     return "\n".join(lines)
 
@@ -225,6 +226,29 @@ def _training_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
             "These rows change how a decoder is trained, not its size; they never fill a compression budget.", "",
             "| variant | training | CIDEr, cross-entropy | CIDEr | change [95% CI] |", "|---|---|---|---|---|",
             *rows, ""]
+
+
+def _student_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
+    """Each distilled row (every quantization) against its teacher: how much of the teacher's CIDEr
+    the smaller student keeps, and at what size. The teacher may be trained otherwise than by
+    cross-entropy (SCST), so these rows stay out of the budgets, whose references are cross-entropy."""
+    if "teacher" not in df:
+        return []
+    by_name = df.set_index("variant")
+    students = df[df["teacher"].notna() & (df["stage"] != "seed") & df["teacher"].isin(by_name.index)]
+    rows = []
+    for r in students.sort_values(["teacher", "variant"]).itertuples(index=False):
+        t = by_name.loc[r.teacher]
+        change = change_with_interval(per_image, r.variant, r.teacher, r.CIDEr, t["CIDEr"])
+        rows.append(f"| `{r.variant}` | `{r.teacher}` | {r.size_mb:.2f} | {r.size_reduction_pct:.2f}% | {t['CIDEr']:.4f} | "
+                    f"{r.CIDEr:.4f} | {fmt_change(*change)} |")
+    if not rows:
+        return []
+    return ["## Distilled students against their teachers", "",
+            "Size reduction is against the family's baseline, as above; the change is against the teacher, "
+            "which is not a quality reference when it was trained by SCST.", "",
+            "| student | teacher | size (MB) | size reduction | CIDEr, teacher | CIDEr | change [95% CI] |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def write_summary(df: pd.DataFrame, out) -> None:

@@ -24,7 +24,7 @@ from ..variants import REFERENCE_STAGES
 from .bootstrap import change_with_interval
 
 ID_COLS = ["variant", "dataset", "encoder", "decoder", "family", "stage", "training", "prune_method", "prune_ratio",
-           "sparsity", "quantization", "runtime", "seed"]
+           "sparsity", "quantization", "runtime", "seed", "teacher"]
 SIZE_COLS = ["params", "nonzero_params", "size_mb", "floor_mb", "size_reduction_pct"]
 QUALITY_COLS = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
                 "quality_reference", "reference_cider", "cider_change_pct", "cider_change_lo", "cider_change_hi"]

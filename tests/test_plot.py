@@ -94,6 +94,22 @@ def test_training_rows_are_drawn_but_never_on_the_front():
     assert drawn == len(df)
 
 
+def test_a_quantized_student_keeps_its_training_colour():
+    """A distilled decoder in int8 is stage quantize, but it is drawn as distilled, not as compression."""
+    from matplotlib.colors import to_rgba
+
+    from captioning.results.plot import STAGE_COLOURS
+
+    df = synthetic_table(("updown",)).assign(training="xe")
+    student = {"variant": "lite0-updown_slim-kd-int8", "family": "updown", "stage": "quantize", "training": "kd",
+               "quantization": "int8", "size_mb": 5.0, "CIDEr": 1.2, "quality_reference": "r50-updown-xe-fp32",
+               "reference_cider": 1.1}
+    ax = pareto_figure(pd.concat([df, pd.DataFrame([student])], ignore_index=True)).axes[0]
+    hit = [c for c in ax.collections if any(tuple(p) == (5.0, 1.2) for p in c.get_offsets())]
+    assert len(hit) == 1
+    assert tuple(hit[0].get_facecolor()[0][:3]) == to_rgba(STAGE_COLOURS["distill"])[:3]  # (alpha is the plot's)
+
+
 def crowded_table(n=20) -> pd.DataFrame:
     """Two families of ``n`` random variants each (seeded), with long names and a dense front."""
     rng = np.random.default_rng(0)

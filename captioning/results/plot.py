@@ -1,8 +1,8 @@
 """The results plot: CIDEr against size, one panel per decoder family.
 
 Each panel shows one family's variants (x: size on disk, log scale; y: CIDEr), marker shape by
-quantization and colour by stage, the family's quality reference as a horizontal line with the
-1% and 2% loss bands below it, and the family's own Pareto front as a step line whose points are
+quantization and colour by stage (a distilled or SCST decoder's by its training, also when
+quantized), the family's quality reference as a horizontal line with the 1% and 2% loss bands below it, and the family's own Pareto front as a step line whose points are
 labelled with their variant name (less the family part). The front runs through the rows the
 summary's budgets may pick, and the references: SCST, distilled and other-engine rows are drawn,
 but a better training recipe is not a smaller model, so they never sit on it (seed copies, had a
@@ -99,6 +99,9 @@ def _ordered(values, known) -> list:
 
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+TRAINING_STAGES = {"kd": "distill", "scst": "scst"}  # training -> the stage whose colour it is drawn in
 
 
 def _colour(stage) -> str:
@@ -311,6 +314,9 @@ def pareto_figure(df: pd.DataFrame):
     fam_col = "family" if "family" in df.columns else "decoder"
     df["_family"] = df[fam_col].where(df[fam_col].notna(), "unknown").astype(str)
     df["_stage"] = df["stage"].where(df["stage"].notna(), "unknown").astype(str) if "stage" in df else "unknown"
+    if "training" in df:  # a distilled or SCST decoder keeps its training's colour in every quantization
+        trained = df["training"].map(TRAINING_STAGES)
+        df["_stage"] = trained.where(trained.notna(), df["_stage"])
     df["_quant"] = (df["quantization"].where(df["quantization"].notna(), "unknown").astype(str)
                     if "quantization" in df else "unknown")
     df["size_mb"] = pd.to_numeric(df["size_mb"], errors="coerce")

@@ -2,8 +2,9 @@
 
 Each panel shows one family's variants (x: size on disk, log scale; y: CIDEr), marker shape by
 quantization and colour by stage (a distilled or SCST decoder's by its training, also when
-quantized), the family's quality reference as a horizontal line with the 1% and 2% loss bands below it, and the family's own Pareto front as a step line whose points are
-labelled with their variant name (less the family part). The front runs through the rows the
+quantized), the family's quality reference as a horizontal line with the 1% and 2% loss bands
+below it, and the family's own Pareto front as a step line whose points are labelled with their
+variant name (less the family part). The front runs through the rows the
 summary's budgets may pick, and the references: SCST, distilled and other-engine rows are drawn,
 but a better training recipe is not a smaller model, so they never sit on it (seed copies, had a
 table passed them, would be drawn the same way; ``write_results`` leaves them out). Rows without a

@@ -240,8 +240,8 @@ def _student_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
     for r in students.sort_values(["teacher", "variant"]).itertuples(index=False):
         t = by_name.loc[r.teacher]
         change = change_with_interval(per_image, r.variant, r.teacher, r.CIDEr, t["CIDEr"])
-        rows.append(f"| `{r.variant}` | `{r.teacher}` | {r.size_mb:.2f} | {r.size_reduction_pct:.2f}% | {t['CIDEr']:.4f} | "
-                    f"{r.CIDEr:.4f} | {fmt_change(*change)} |")
+        rows.append(f"| `{r.variant}` | `{r.teacher}` | {r.size_mb:.2f} | {r.size_reduction_pct:.2f}% | "
+                    f"{t['CIDEr']:.4f} | {r.CIDEr:.4f} | {fmt_change(*change)} |")
     if not rows:
         return []
     return ["## Distilled students against their teachers", "",

@@ -189,4 +189,6 @@ def test_an_scst_teacher_is_trained_on_demand_and_teaches_by_its_captions(tmp_pa
     assert '"kd_mode": "sequence"' in kd[0]  # the default mode
     # mnv3s is not in scst.encoders: its SCST decoder is built for the teacher alone, with no row of its own
     assert any(" scst " in s and "--out work/tiny/decoders/mnv3s/updown/scst.safetensors" in s for s in shells)
-    assert not any("mnv3s-updown-scst-" in s for s in shells)
+    assert not any("artifacts/mnv3s-updown-scst-" in s for s in shells)
+    # ... though the student's row names it as its teacher
+    assert any('"teacher": "mnv3s-updown-scst-fp32"' in s and "artifacts/mnv3s-updown-kd-" in s for s in shells)

@@ -153,7 +153,7 @@ def check_runtime(runtime: str, mode: str) -> str:
 
 def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
                extra: dict | None = None, quantization: str = "fp32", runtime: str = "torch",
-               calibration: torch.Tensor | None = None) -> int:
+               calibration: torch.Tensor | None = None, groups: dict | None = None) -> int:
     """Write encoder + decoder + vocabulary + caption length limit as one artifact, tensors stored
     per ``quantization`` (see ``compress.quantize``) after the encoder's batch norms are folded
     (``stored_groups``); returns its size in bytes.
@@ -162,11 +162,12 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
     both: an ONNX Runtime artifact is rebuilt into ONNX graphs at load, which keeps the file as small
     as a torch one. For int8 on ONNX Runtime the encoder's activations are quantized statically, so
     their ranges, calibrated here on ``calibration`` images (as ``encoder_images`` gives them), are
-    stored in the config (``runtime.encoder_ranges``).
+    stored in the config (``runtime.encoder_ranges``). ``groups``: what ``stored_groups`` gives for
+    these modules, when the caller has it already (folding runs a forward pass).
     """
     mode, max_length = check_mode(quantization), _max_length(max_length, str(out), "max_length")
     check_runtime(runtime, mode)
-    groups = stored_groups(encoder, decoder.state_dict())
+    groups = groups or stored_groups(encoder, decoder.state_dict())
     rt = {"quantization": mode, "engine": runtime}
     if (runtime, mode) == ("onnxruntime", "int8"):
         if calibration is None or len(calibration) == 0:
@@ -216,7 +217,7 @@ def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: st
         calibration = encoder_images(encoder, split_images(prepared_dir, "train")[1][:calibration_images])
     size = pack_model(out, encoder, decoder, itow, max_length=max_length,
                       extra={"variant": meta or {}, "storage": storage}, quantization=quantization,
-                      runtime=runtime, calibration=calibration)
+                      runtime=runtime, calibration=calibration, groups=groups)
     return size, storage
 
 

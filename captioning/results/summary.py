@@ -76,8 +76,9 @@ def summary_markdown(df: pd.DataFrame) -> str:
              f"In brackets, the {LEVEL:.0%} interval of the change: a paired bootstrap over the "
              f"{n_images if n_images else '?'} test images, {N_RESAMPLES} resamples; a change whose whole "
              "interval lies below zero is marked as a significant loss. Budgets are filled by compression "
-             "rows only (encoder replacement, architecture changes, pruning, quantization) smaller than the "
-             "baseline. Latency is the median per test image (batch 1, beam search, `evaluate.threads` CPU "
+             "rows of cross-entropy decoders only (encoder replacement, architecture changes, pruning, "
+             "quantization) smaller than the baseline; SCST and distilled decoders have sections of their "
+             "own. Latency is the median per test image (batch 1, beam search, `evaluate.threads` CPU "
              "threads, image decoding excluded), every variant timed in the run's one latency job, so the "
              "ratios compare. The paper (Atliha & Šešok 2022) reached at least 91% at no more than 2% CIDEr "
              "loss.", ""]

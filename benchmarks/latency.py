@@ -2,7 +2,8 @@
 
 One image file in, one caption string out (load, resize, normalise, encoder, beam search, decode),
 batch 1, beam 3, one thread for torch and for ONNX Runtime; the median of ``--runs`` timed
-captions after ``--warmup`` untimed ones, cycling over tests/data/coco5's images. Per decoder
+captions after ``--warmup`` untimed ones, cycling over tests/data/coco5's images, the five models
+taking turns (``median_ms``). Per decoder
 (``--decoders``, default the three families and their slim variants):
 
     r50 fp32 torch     the baseline (resnet50 encoder, with the family's decoder: a slim variant's baseline)
@@ -114,17 +115,26 @@ def run_models(dec: str, family: str, run_dir: Path) -> dict:
     return out
 
 
-def median_ms(captioner, runs: int, warmup: int, words: int | None) -> float:
-    """Median wall time of captioning one image file, in ms; ``words``: the caption length every caption must have."""
-    times = []
+def median_ms(models: dict, runs: int, warmup: int, words: int | None) -> dict[str, float]:
+    """Median wall time of captioning one image file per model, in ms; ``words``: the caption length
+    every caption must have.
+
+    The models take turns on the same image: on a shared machine whose speed drifts over seconds,
+    every model sees the same drift, so their ratios hold better than when each model's runs come
+    in one block (measured here: a block-wise row moved by 40% between two runs). In its turn a
+    model captions the image twice and the second is timed: a model captioning a stream of images,
+    its weights in the CPU's caches, as the block-wise timing measured before."""
+    times = {row: [] for row in models}
     for i in range(warmup + runs):
         path = IMAGES[i % len(IMAGES)]
-        t0 = time.perf_counter()
-        caption = captioner.caption_files([path], beam_size=BEAM)[0]
-        times.append(time.perf_counter() - t0)
-        if words is not None and len(caption.split()) != words:
-            raise SystemExit(f"a caption of {len(caption.split())} words, not {words}: {caption!r}")
-    return 1000 * statistics.median(times[warmup:])
+        for row, captioner in models.items():
+            captioner.caption_files([path], beam_size=BEAM)
+            t0 = time.perf_counter()
+            caption = captioner.caption_files([path], beam_size=BEAM)[0]
+            times[row].append(time.perf_counter() - t0)
+            if words is not None and len(caption.split()) != words:
+                raise SystemExit(f"a caption of {len(caption.split())} words, not {words}: {caption!r}")
+    return {row: 1000 * statistics.median(t[warmup:]) for row, t in times.items()}
 
 
 def main() -> None:
@@ -146,7 +156,7 @@ def main() -> None:
               f"runs the full {MAX_LEN} steps; ORT int8 calibrated on {CALIBRATION} crops of "
               f"{len(TRAIN_IMAGES)} training images")
     print(f"per image: file -> caption, batch 1, beam {BEAM}, 1 thread; median of {args.runs} after "
-          f"{args.warmup} warm-up; ms\n")
+          f"{args.warmup} warm-up, the models taking turns; ms\n")
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     unknown = [d for d in args.decoders if d not in config["decoders"]]
     if unknown:
@@ -156,7 +166,7 @@ def main() -> None:
     for dec in args.decoders:
         family = decoder_family(config, dec)
         models = run_models(dec, family, args.run) if args.run else random_models(dec, config)
-        ms = {row: median_ms(models[row], args.runs, args.warmup, None if args.run else MAX_LEN) for row in ROWS}
+        ms = median_ms(models, args.runs, args.warmup, None if args.run else MAX_LEN)
         int8 = ms["lite0 int8 ORT"]
         print(f"| {dec} | " + " | ".join(f"{ms[row]:.1f}" for row in ROWS)
               + f" | {ms['lite0 fp32 torch'] / int8:.1f}x faster | {ms['r50 fp32 torch'] / int8:.1f}x faster |",

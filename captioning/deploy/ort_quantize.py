@@ -142,22 +142,23 @@ def encoder_ranges(encoder_graph: bytes, images: np.ndarray) -> dict[str, list[f
 
 def quantize_encoder(encoder_graph: bytes, ranges: dict) -> bytes:
     """Static int8 QDQ of the encoder with the calibrated activation ``ranges`` (no calibration
-    run): per-channel QInt8 weights, QUInt8 activations. ``ranges`` must name exactly the tensors
-    this graph needs, else ValueError (a stale or foreign artifact)."""
+    run): per-channel QInt8 weights, QUInt8 activations. ``ranges`` must name every tensor this
+    graph needs, else ValueError (a foreign artifact). Others are ignored: an artifact packed before
+    ``export_encoder`` folded "same" pads into the convolutions also lists the pads' outputs."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
     with tempfile.TemporaryDirectory(prefix="ort_quantize.") as d:
         prepared = _prepared(encoder_graph, Path(d))
         needed = _needed(prepared)
-        if set(ranges) != needed:
+        if not needed <= set(ranges):
             extra, missing = sorted(set(ranges) - needed), sorted(needed - set(ranges))
             raise ValueError(f"encoder ranges do not match the encoder graph: {len(extra)} unknown tensors "
                              f"{extra[:2]}, {len(missing)} missing {missing[:2]}")
         # quantize_static reads precomputed ranges from a calibration cache file: write one
         cache = Path(d) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
-            name: (np.float32(lo), np.float32(hi)) for name, (lo, hi) in ranges.items()}), cache)
+            name: (np.float32(lo), np.float32(hi)) for name, (lo, hi) in ranges.items() if name in needed}), cache)
         out = Path(d) / "int8.onnx"
         shape_nodes = sorted(_shape_arithmetic(onnx.load(prepared, load_external_data=False))[0])
         with _quiet_ort():

@@ -130,3 +130,28 @@ def test_any_other_pad_is_left_alone(case):
     before = model.SerializeToString()
     assert _pads_into_convs(model) == 0
     assert model.SerializeToString() == before
+
+
+def test_a_convolution_run_on_two_sizes_keeps_its_run_time_padding():
+    """Constant pads hold for one input size only: a layer that sees two keeps timm's padding."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from captioning.deploy.onnx_export import _StaticSame, _static_same
+
+    class TwoScales(torch.nn.Module):
+        img_size = 16
+
+        def __init__(self):
+            super().__init__()
+            self.once, self.twice = Conv2dSame(3, 3, 3, stride=2), Conv2dSame(3, 3, 3, stride=2)
+
+        def forward(self, x):
+            return self.twice(self.once(x)).mean() + self.twice(x).mean()
+
+    model = TwoScales()
+    static = _static_same(model)
+    assert isinstance(static.once, _StaticSame) and isinstance(static.twice, Conv2dSame)
+    assert isinstance(model.once, Conv2dSame)  # a copy is changed, not the caller's model
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(static(x), model(x), atol=1e-6)

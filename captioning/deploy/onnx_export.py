@@ -113,9 +113,9 @@ def _static_same(encoder):
     names = [n for n, m in encoder.named_modules() if isinstance(m, Conv2dSame)]
     if not names:
         return encoder
-    encoder, sizes = copy.deepcopy(encoder), {}
+    encoder, sizes = copy.deepcopy(encoder), {n: set() for n in names}
     hooks = [encoder.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: sizes.__setitem__(n, tuple(args[0].shape[-2:]))) for n in names]
+        lambda m, args, n=n: sizes[n].add(tuple(args[0].shape[-2:]))) for n in names]
     try:
         with torch.no_grad(), _eval(encoder):
             encoder(torch.zeros(1, 3, encoder.img_size, encoder.img_size, device=next(encoder.parameters()).device))
@@ -123,9 +123,11 @@ def _static_same(encoder):
         for h in hooks:
             h.remove()
     for n in names:
+        if len(sizes[n]) != 1:  # unused, or called on two sizes: keep timm's run-time padding
+            continue
         conv = encoder.get_submodule(n)
         ph, pw = (get_same_padding(size, k, s, d) for size, k, s, d in
-                  zip(sizes[n], conv.kernel_size, conv.stride, conv.dilation))
+                  zip(next(iter(sizes[n])), conv.kernel_size, conv.stride, conv.dilation))
         parent, _, leaf = n.rpartition(".")
         setattr(encoder.get_submodule(parent), leaf, _StaticSame(conv, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
     return encoder

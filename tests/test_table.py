@@ -242,3 +242,33 @@ def test_seed_copies_measure_training_noise_and_never_serve_as_reference(tmp_pat
 def test_no_seed_copies_no_noise_section(tmp_path):
     text = summary_markdown(build_table(_metrics(tmp_path, ROWS), BASELINES))
     assert "Training noise" not in text
+
+
+def test_summary_sets_each_architecture_change_beside_its_parent_and_averages_seeds(tmp_path):
+    """A slim decoder against its parent on the same encoder, alone and, with seed copies of both,
+    as the change of their seed-averaged scores; quantized and pruned slim rows stay out."""
+    slim = dict(decoder="ud_slim", family="ud")
+    rows = [dict(r, variant="small-ud-xe-fp32") if r["variant"] == "small-ud-xe" else r for r in ROWS] + [
+        row("small-ud_slim-xe-fp32", "small", "architecture", 5.0, 0.81, **slim),
+        row("small-ud_slim-xe-int8", "small", "quantize", 1.5, 0.80, quantization="int8", **slim),
+        row("small-ud-xe_seed1-fp32", "small", "seed", 10.0, 0.80, seed=1),
+        row("small-ud-xe_seed2-fp32", "small", "seed", 10.0, 0.85, seed=2),
+        row("small-ud_slim-xe_seed1-fp32", "small", "seed", 5.0, 0.79, seed=1, **slim),
+        row("small-ud_slim-xe_seed2-fp32", "small", "seed", 5.0, 0.80, seed=2, **slim),
+        row("small-tf_slim-xe-fp32", "small", "architecture", 20.0, 1.9, decoder="tf_slim", family="tf"),  # no small tf
+    ]
+    text = summary_markdown(build_table(_metrics(tmp_path, rows, per_image=True), BASELINES))
+    section = text[text.index("## Architecture changes"):text.index("## Training")]
+    line = next(x for x in section.splitlines() if x.startswith("| `small-ud_slim-xe-fp32`"))
+    # alone: 0.81 against 0.90 (-10%); averaged over 3 seeds: 0.80 against 0.85 (-5.88%)
+    assert line.startswith("| `small-ud_slim-xe-fp32` | `small-ud-xe-fp32` | 5.00 | 10.00 | 0.9000 | 0.8100 | -10.00% [")
+    assert "| 3 and 3 | -5.88% [" in line and line.count("significant loss") == 2
+    assert "small-ud_slim-xe-int8" not in section and "_seed" not in section and "tf_slim" not in section
+
+    alone = [r for r in rows if "_seed" not in r["variant"]]
+    text = summary_markdown(build_table(_metrics(tmp_path / "alone", alone, per_image=True), BASELINES))
+    assert "| 1 and 1 | – |" in text[text.index("## Architecture changes"):]
+
+
+def test_no_architecture_change_no_architecture_section(tmp_path):
+    assert "## Architecture changes" not in summary_markdown(build_table(_metrics(tmp_path, ROWS), BASELINES))

@@ -6,9 +6,10 @@ Only compression rows compete for a budget: encoder replacement, architecture ch
 quantization of cross-entropy-trained decoders. SCST and distilled rows change the training, not
 the model's size, so they get their own section, each against the same decoder trained by
 cross-entropy alone. Pruned rows are also read against the sweep's dense control, which had the
-same fine-tuning: what pruning costs, apart from what the extra training gives. With ``seeds`` > 1
-the dense references were also trained under other seeds: their spread is training noise, which the
-bootstrap over test images does not see.
+same fine-tuning: what pruning costs, apart from what the extra training gives; architecture
+changes, against their parent. With ``seeds`` > 1 the dense references were also trained under
+other seeds: their spread is training noise, which the bootstrap over test images does not see, and
+an architecture change is also compared with its parent seed-averaged.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def summary_markdown(df: pd.DataFrame) -> str:
         lines += _budget_rows(compression_rows(g), base.iloc[0] if not base.empty else None)
         lines.append("")
         lines += _control_rows(g, per_image)
+    lines += _architecture_rows(df, per_image)
     lines += _training_rows(df, per_image)
     lines += _student_rows(df, per_image)
     lines += _seed_rows(df)
@@ -207,6 +209,49 @@ def _control_rows(g: pd.DataFrame, per_image: dict) -> list[str]:
                          f"{r.CIDEr:.4f} | {fmt_change(*change)} |")
         lines.append("")
     return lines
+
+
+def _seed_averaged(df: pd.DataFrame, per_image: dict, variant: str) -> tuple[int, dict | None]:
+    """(number of seeds, per-image CIDEr averaged over them) of ``variant`` and its seed copies;
+    None for the scores unless every seed has per-image scores of the same images."""
+    names = list(df.loc[df["variant"].map(_seed_group) == variant, "variant"])
+    scores = [per_image.get(n) for n in names]
+    if not names or any(s is None or set(s) != set(scores[0]) for s in scores):
+        return len(names), None
+    return len(names), {i: sum(s[i] for s in scores) / len(scores) for i in scores[0]}
+
+
+def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
+    """Each architecture change (dense, fp32, cross-entropy) against its parent on the same encoder.
+    With seed copies of both (``seeds`` > 1), also the change of their seed-averaged scores: one
+    seed of each is a draw whose training noise can be larger than the change itself."""
+    torch_rows = df["runtime"].fillna("torch") == "torch" if "runtime" in df else True
+    main = df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["training"].fillna("xe") == "xe")
+              & (df["stage"] != "seed") & torch_rows]
+    parents = main[main["decoder"] == main["family"]].set_index(["encoder", "decoder"])
+    rows = []
+    for r in main[main["stage"] == "architecture"].sort_values("variant").itertuples(index=False):
+        if (r.encoder, r.family) not in parents.index:
+            continue
+        parent = parents.loc[(r.encoder, r.family)]
+        change = change_with_interval(per_image, r.variant, parent["variant"], r.CIDEr, parent["CIDEr"])
+        (n, mine), (n_parent, theirs) = (_seed_averaged(df, per_image, v) for v in (r.variant, parent["variant"]))
+        averaged = "–"
+        if min(n, n_parent) > 1 and mine is not None and theirs is not None:
+            per_seed = {"row": mine, "parent": theirs}
+            mean = {k: sum(v.values()) / len(v) for k, v in per_seed.items()}
+            averaged = fmt_change(*change_with_interval(per_seed, "row", "parent", mean["row"], mean["parent"]))
+        rows.append(f"| `{r.variant}` | `{parent['variant']}` | {r.size_mb:.2f} | {parent['size_mb']:.2f} | "
+                    f"{parent['CIDEr']:.4f} | {r.CIDEr:.4f} | {fmt_change(*change)} | {n} and {n_parent} | {averaged} |")
+    if not rows:
+        return []
+    return ["## Architecture changes against their parent", "",
+            "Each slimmer decoder against the architecture it changes, both dense, fp32 and trained by "
+            "cross-entropy on the same encoder. With several seeds of both, the last column compares their "
+            "per-image scores averaged over the seeds.", "",
+            "| architecture | parent | size (MB) | parent's size (MB) | CIDEr, parent | CIDEr | change [95% CI] | "
+            "seeds | change of the seed averages [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _training_rows(df: pd.DataFrame, per_image: dict) -> list[str]:

@@ -159,7 +159,7 @@ def _pads_into_convs(model) -> int:
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    folded = []
+    folded = set()
     for node in model.graph.node:
         if node.op_type != "Pad" or len(node.input) < 2:
             continue
@@ -180,7 +180,7 @@ def _pads_into_convs(model) -> int:
             del conv.attribute[:]
             conv.attribute.extend([*kept, onnx.helper.make_attribute("pads", new)])
             conv.input[0] = node.input[0]
-        folded.append(id(node))
+        folded.add(id(node))
     kept = [n for n in model.graph.node if id(n) not in folded]
     del model.graph.node[:]
     model.graph.node.extend(kept)

@@ -211,6 +211,12 @@ def _control_rows(g: pd.DataFrame, per_image: dict) -> list[str]:
     return lines
 
 
+def _dense_fp32(df: pd.DataFrame) -> pd.DataFrame:
+    """The dense fp32 torch rows of the main seed: one row per encoder, decoder and training."""
+    torch_rows = df["runtime"].fillna("torch") == "torch" if "runtime" in df else True
+    return df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["stage"] != "seed") & torch_rows]
+
+
 def _seed_averaged(df: pd.DataFrame, per_image: dict, variant: str) -> tuple[int, dict | None]:
     """(number of seeds, per-image CIDEr averaged over them) of ``variant`` and its seed copies;
     None for the scores unless every seed has per-image scores of the same images."""
@@ -225,9 +231,8 @@ def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
     """Each architecture change (dense, fp32, cross-entropy) against its parent on the same encoder.
     With seed copies of both (``seeds`` > 1), also the change of their seed-averaged scores: one
     seed of each is a draw whose training noise can be larger than the change itself."""
-    torch_rows = df["runtime"].fillna("torch") == "torch" if "runtime" in df else True
-    main = df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["training"].fillna("xe") == "xe")
-              & (df["stage"] != "seed") & torch_rows]
+    dense = _dense_fp32(df)
+    main = dense[dense["training"].fillna("xe") == "xe"]
     parents = main[main["decoder"] == main["family"]].set_index(["encoder", "decoder"])
     rows = []
     for r in main[main["stage"] == "architecture"].sort_values("variant").itertuples(index=False):
@@ -256,8 +261,7 @@ def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
 
 def _training_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
     """SCST and distilled decoders beside the same decoder and encoder trained by cross-entropy alone."""
-    torch_rows = df["runtime"].fillna("torch") == "torch" if "runtime" in df else True  # one row per decoder
-    dense = df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["stage"] != "seed") & torch_rows]
+    dense = _dense_fp32(df)
     xe = dense[dense["training"] == "xe"].set_index(["encoder", "decoder"])
     rows = []
     for r in dense[dense["training"].isin(["scst", "kd"])].sort_values(["training", "variant"]).itertuples(index=False):

@@ -118,6 +118,19 @@ def test_topk_breaks_ties_by_lower_index():
 
 
 
+@pytest.mark.parametrize("k", [3, 9])
+def test_topk_ranks_nan_as_inf(k):
+    """A model that emits NaN still gets a caption: NaN ranks as +inf (torch.topk's order), ties by lower index."""
+    x = np.random.default_rng(0).standard_normal((4, 30)).astype(np.float32)
+    x[2, [7, 20]] = np.nan
+    x[2, 3] = np.inf
+    scores, ix = topk(x, k)
+    assert ix[2, :3].tolist() == [3, 7, 20]
+    assert np.isnan(scores[2, 1:3]).all() and scores[2, 0] == np.inf
+    clean = np.delete(x, 2, axis=0)
+    assert np.array_equal(np.delete(ix, 2, axis=0), np.argsort(-clean, axis=1, kind="stable")[:, :k])
+
+
 @pytest.mark.parametrize("k", [1, 3, 8, 9])
 def test_topk_is_a_stable_descending_sort_cut_at_k(k):
     """Both paths (arg-max passes, partition) give the stable sort's first k: ties, -inf rows, few candidates."""

@@ -25,21 +25,24 @@ def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     index) cost a fraction of one partition over ``n`` (measured at 3 × 9,488 COCO words: 19 against
     300 µs; at the first step, when 2 of 3 beams are -inf, 3.6 ms). Where a row's k-th value is
     -inf (fewer than ``k`` candidates), or x holds NaN, or the beam is wider than ``SCAN_K``, the
-    partition path orders equal values the same way.
+    partition path orders equal values the same way. NaN ranks as +inf, so a model that emits NaN
+    still gets a caption, as torch.topk gives it one.
     """
     B = x.shape[0]
-    if k <= SCAN_K and not np.isnan(x).any():
+    if k <= SCAN_K:
         rows, rest = np.arange(B), x.copy()
         ix = np.empty((B, k), dtype=np.int64)
         for j in range(k):
             ix[:, j] = rest.argmax(1)
             rest[rows, ix[:, j]] = -np.inf
         values = x[rows[:, None], ix]
-        if (values[:, -1] > -np.inf).all():  # else a pass may have taken a -inf twice
+        # checked on the k picks, not on x: a pass that took -inf may have taken it twice, and a row
+        # holding NaN has one first (arg-max takes the first NaN)
+        if values[:, -1].min() > -np.inf and not np.isnan(values[:, 0]).any():
             return values, ix
     n = x.shape[1]
     ix = np.empty((B, k), dtype=np.int64)
-    for b, row in enumerate(x):
+    for b, row in enumerate(np.where(np.isnan(x), np.inf, x)):
         cand = np.flatnonzero(row >= np.partition(row, n - k)[n - k])  # every tie at the k-th value, ascending
         ix[b] = cand[np.argsort(-row[cand], kind="stable")[:k]]
     return np.take_along_axis(x, ix, 1), ix
@@ -80,17 +83,18 @@ def beam_search(step: Step, ctx: Arrays, state: Arrays, beam_size: int, max_leng
     done_seq = np.zeros((B, K, max_length), dtype=np.int64)
     done_score = np.full((B, K), neg_inf, dtype=np.float32)
     rows = np.arange(B)[:, None]
+    first_row = rows * K                                     # image i's first row in the B*K step batch
 
     for t in range(max_length):
         logprobs, state = step(tokens, state, ctx)
         V1 = logprobs.shape[1]
-        cand = (live_score[:, :, None] + logprobs.astype(np.float32).reshape(B, K, V1)).reshape(B, K * V1)
+        cand = (live_score[:, :, None] + logprobs.astype(np.float32, copy=False).reshape(B, K, V1)).reshape(B, K * V1)
         score, ix = topk(cand, K)
         beam, word = np.divmod(ix, V1)
 
         live_seq = live_seq[rows, beam]
         live_seq[:, :, t] = word
-        src = (beam + rows * K).reshape(-1)
+        src = (beam + first_row).reshape(-1)
         state = tuple(s.take(src, axis=0) for s in state)
 
         ended = word == 0 if t < max_length - 1 else np.ones_like(word, dtype=bool)
@@ -131,6 +135,8 @@ class OrtCaptioner:
         options.intra_op_num_threads = options.inter_op_num_threads = threads
         self.sessions = {k: ort.InferenceSession(graphs[k], options, providers=["CPUExecutionProvider"])
                          for k in ("encoder", "init", "step")}
+        # a graph drops inputs it does not use (the Transformer's init ignores fc); asked once, not per step
+        self.inputs = {k: [i.name for i in s.get_inputs()] for k, s in self.sessions.items()}
         self.itow, self.max_length = itow, max_length
         self.n_ctx = sum(o.name.startswith("ctx_") for o in self.sessions["init"].get_outputs())
         self.torch, self.quantization, self.config, self.source = None, "fp32", {}, "onnxruntime"
@@ -184,8 +190,7 @@ class OrtCaptioner:
         return self  # the CPU execution provider only
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        session = self.sessions[name]  # a graph drops inputs it does not use (the Transformer ignores fc)
-        return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+        return self.sessions[name].run(None, {n: feeds[n] for n in self.inputs[name]})
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images [B, 3, S, S] (numpy or torch, normalised as the encoder expects) -> (fc, att)."""

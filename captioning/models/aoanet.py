@@ -56,11 +56,14 @@ class AoANetConfig:
 
 def multihead(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, drop: nn.Module) -> torch.Tensor:
     """Scaled dot-product attention of projected q [B, T, D] over k, v [B, S, D] in ``heads`` heads -> [B, T, D]."""
-    B, T, D = q.shape
-    split = lambda t: t.view(B, t.shape[1], heads, D // heads).transpose(1, 2)  # noqa: E731
+    # Each reshape reads its sizes from its own input, so ONNX Runtime turns the exported shape
+    # arithmetic into a constant Reshape (its ReshapeFusion), as in the Transformer's attention
+    D = q.shape[-1]
+    split = lambda t: t.view(t.shape[0], t.shape[1], heads, D // heads).transpose(1, 2)  # noqa: E731
     q, k, v = split(q), split(k), split(v)
     weights = drop(F.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // heads), dim=-1))
-    return (weights @ v).transpose(1, 2).reshape(B, T, D)
+    y = (weights @ v).transpose(1, 2)  # [B, T, h, D/h]
+    return y.reshape(y.shape[0], y.shape[1], D)
 
 
 class RefinerLayer(nn.Module):

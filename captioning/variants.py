@@ -78,8 +78,11 @@ def is_tuning(config: dict, dec: str) -> bool:
 SEED_TAG = "_seed"
 ORT_TAG = "_ort"  # after the quantization: the variant runs on ONNX Runtime
 # The rows of uncompressed models (dense, cross-entropy, any encoder, the parent architecture under
-# any training settings): quality-reference candidates, and what ``seeds`` trains again.
+# any training settings): quality-reference candidates.
 REFERENCE_STAGES = ("baseline", "encoder", "tuning", "control")
+# What ``seeds`` trains again: the references, and each architecture change, so the summary can set
+# an architecture beside its parent over the seeds (one seed's gap is within training noise).
+SEEDED_STAGES = (*REFERENCE_STAGES, "architecture")
 
 
 def dstage_name(train: str, method: str | None = None, ratio: float | None = None, seed: int = 0) -> str:
@@ -216,7 +219,7 @@ def grid(config: dict) -> list[Variant]:
     decoders and of the pruned ones (``pruned_decoders``), the dense decoders on ONNX Runtime, and
     the dense control (fp32); then the distilled rows (in each of ``distill.quantization``) and the
     SCST rows; then, with ``seeds`` > 1, the dense references (baseline, encoder, tuning and control
-    rows) under the other seeds."""
+    rows) and the architecture changes under the other seeds."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.
@@ -244,8 +247,8 @@ def grid(config: dict) -> list[Variant]:
         out += [Variant(e, d, "scst", q) for d in stage_decoders(config, "scst")
                 for q in config["scst"]["quantization"]]
     out = list(dict.fromkeys(out))
-    references = [v for v in out if v.stage(config) in REFERENCE_STAGES]
-    return out + [v.with_seed(k) for k in range(1, config.get("seeds", 1)) for v in references]
+    seeded = [v for v in out if v.stage(config) in SEEDED_STAGES]
+    return out + [v.with_seed(k) for k in range(1, config.get("seeds", 1)) for v in seeded]
 
 
 def baseline_variants(config: dict) -> list[Variant]:

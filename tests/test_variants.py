@@ -60,12 +60,12 @@ def test_seed_copies_are_named_after_their_reference(dstage, base, k):
     assert v.meta({**c, "seed": 10})["seed"] == 10 + k
 
 
-def test_seeds_copy_the_dense_references_only():
+def test_seeds_copy_the_dense_references_and_architectures_only():
     c = {**_small(), "seeds": 3}
     names = [v.name for v in grid(c)]
     assert names[:len(grid(_small()))] == [v.name for v in grid(_small())]  # the main rows first, unchanged
     assert names[len(grid(_small())):] == [
-        f"{v}_seed{k}-fp32" for k in (1, 2) for v in ("big-u-xe", "small-u-xe", "small-u-xe_global0")]
+        f"{v}_seed{k}-fp32" for k in (1, 2) for v in ("big-u-xe", "small-u-xe", "small-u_slim-xe", "small-u-xe_global0")]
     assert all(v.stage(c) == "seed" for v in grid(c)[len(grid(_small())):])
 
 
@@ -146,7 +146,9 @@ def test_a_variant_that_changes_only_training_settings_is_tuning_and_a_reference
     c["decoders"]["u_slim"] = {"variant_of": "u", "rnn_size": 4}
     assert Variant("small", "u_slim").stage(c) == "architecture"
     seeds = [v.name for v in grid({**c, "seeds": 2}) if v.seed]
-    assert "small-u_d2-xe_seed1-fp32" in seeds and "small-u_slim-xe_seed1-fp32" not in seeds
+    # both are seeded: a tuned parent is a reference, an architecture is compared with its parent over the seeds
+    assert "small-u_d2-xe_seed1-fp32" in seeds and "small-u_slim-xe_seed1-fp32" in seeds
+    assert not [n for n in seeds if "int8" in n or "_global0." in n]  # never a compressed row
 
 
 def test_decoder_family_is_the_parent_of_a_variant():

@@ -161,11 +161,12 @@ def test_seeds_train_each_dense_reference_again_under_its_own_seed(tmp_path):
     shells = [line for line in out.splitlines() if " -m captioning " in line]
     outs = [m.group(1) for m in (re.search(r" --out (\S+)", s) for s in shells) if m]
     seeded = sorted(o.split("/decoders/")[1] for o in outs if "/decoders/" in o and "_seed1" in o)
-    # the baseline and encoder rows' cross-entropy decoders, and the dense controls fine-tuned from them
+    # the baseline, encoder and architecture rows' cross-entropy decoders, and the dense controls
+    # fine-tuned from them
     assert seeded == sorted(["r50/updown/xe_seed1.safetensors", "r50/aoanet/xe_seed1.safetensors",
                              "r50/transformer/xe_seed1.safetensors", "mnv3s/updown/xe_seed1.safetensors",
                              "lite0/updown/xe_seed1.safetensors", "lite0/aoanet/xe_seed1.safetensors",
-                             "lite0/transformer/xe_seed1.safetensors",
+                             "lite0/transformer/xe_seed1.safetensors", "lite0/updown_slim/xe_seed1.safetensors",
                              "lite0/updown/xe_global0_seed1.safetensors",
                              "lite0/transformer/xe_global0_seed1.safetensors"])
     for s in shells:
@@ -176,7 +177,7 @@ def test_seeds_train_each_dense_reference_again_under_its_own_seed(tmp_path):
         elif " train " in s or " prune " in s:
             assert " --seed 5 " in s, s
     packed = [s for s in shells if " pack " in s and "_seed1-fp32.capz" in s]
-    assert len(packed) == 9
+    assert len(packed) == 10
 
 
 @pytest.mark.integration

@@ -133,7 +133,7 @@ def seed_spread(df: pd.DataFrame, variant: str) -> dict | None:
 
 
 def _seed_rows(df: pd.DataFrame) -> list[str]:
-    """Every dense reference beside its copies trained under the other seeds."""
+    """Every seeded model (dense reference or architecture change) beside its copies trained under the other seeds."""
     copies = df[df["stage"] == "seed"]
     if copies.empty:
         return []
@@ -145,11 +145,11 @@ def _seed_rows(df: pd.DataFrame) -> list[str]:
         per_seed = ", ".join(f"{c:.4f}" for c in s["values"])
         rows.append(f"| `{name}` | {s['n']} | {per_seed} | {s['mean']:.4f} | {s['sd']:.4f} ({s['sd_pct']:.1f}%) | "
                     f"{(s['max'] - s['min']) / s['mean'] * 100:.1f}% |")
-    return ["## Training noise: the dense references under several seeds", "",
+    return ["## Training noise: the dense references and architecture changes under several seeds", "",
             "The same model trained again under another seed (rows `..._seed<k>`, stage `seed`): never a reference "
             "and never in a budget. A CIDEr change smaller than this spread is within training noise, whatever "
             "its bootstrap interval says.", "",
-            "| reference | seeds | CIDEr per seed | mean | sd (% of mean) | range (% of mean) |",
+            "| model | seeds | CIDEr per seed | mean | sd (% of mean) | range (% of mean) |",
             "|---|---|---|---|---|---|", *rows, ""]
 
 

@@ -155,7 +155,7 @@ def test_lint_is_clean():
 
 
 @pytest.mark.integration
-def test_seeds_train_each_dense_reference_again_under_its_own_seed(tmp_path):
+def test_seeds_train_each_dense_reference_and_architecture_again_under_its_own_seed(tmp_path):
     write_config(tmp_path, {**TINY_DAG, "seed": 5, "seeds": 2})
     out = smk(tmp_path, "-n", "-p", "results/table.csv").stdout
     shells = [line for line in out.splitlines() if " -m captioning " in line]

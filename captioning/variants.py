@@ -5,8 +5,9 @@ A variant is one row of the results table and one artifact, named ``{enc}-{dec}-
 says how the decoder was trained and pruned: ``xe``, ``scst``, ``kd``, or ``xe_global0.9`` (pruned
 to 90% by global magnitude, then fine-tuned). ``xe_global0`` is the sweep's dense control: the same
 fine-tuning at ratio 0, so a pruned row can be read against a dense model trained exactly as long.
-A ``_seed<k>`` suffix (``xe_seed1``, ``xe_global0_seed2``) is a dense reference trained again under
-seed ``seed + k`` (config ``seeds``): training noise, measured, never a reference or a budget row.
+A ``_seed<k>`` suffix (``xe_seed1``, ``xe_global0_seed2``, ``kd_seed1``) is a dense decoder trained
+again under seed ``seed + k`` (config ``seeds``): training noise, measured, never a reference or a
+budget row.
 ``quant`` is the quantization, with ``_ort`` when the variant runs on ONNX Runtime instead of torch
 (``lite0-updown-xe-int8_ort``): the same stored weights, another engine, so another latency and,
 for int8, statically quantized encoder activations.
@@ -80,9 +81,11 @@ ORT_TAG = "_ort"  # after the quantization: the variant runs on ONNX Runtime
 # The rows of uncompressed models (dense, cross-entropy, any encoder, the parent architecture under
 # any training settings): quality-reference candidates.
 REFERENCE_STAGES = ("baseline", "encoder", "tuning", "control")
-# What ``seeds`` trains again: the references, and each architecture change, so the summary can set
-# an architecture beside its parent over the seeds (one seed's gap is within training noise).
-SEEDED_STAGES = (*REFERENCE_STAGES, "architecture")
+# What ``seeds`` trains again: the references, each architecture change and each distilled student
+# (with the same teacher), so the summary can set an architecture beside its parent, and a student
+# beside the same decoder trained without a teacher, over the seeds (one seed's gap is within
+# training noise).
+SEEDED_STAGES = (*REFERENCE_STAGES, "architecture", "distill")
 
 
 def dstage_name(train: str, method: str | None = None, ratio: float | None = None, seed: int = 0) -> str:
@@ -219,7 +222,7 @@ def grid(config: dict) -> list[Variant]:
     decoders and of the pruned ones (``pruned_decoders``), the dense decoders on ONNX Runtime, and
     the dense control (fp32); then the distilled rows (in each of ``distill.quantization``) and the
     SCST rows; then, with ``seeds`` > 1, the dense references (baseline, encoder, tuning and control
-    rows) and the architecture changes under the other seeds."""
+    rows), the architecture changes and the distilled students (fp32) under the other seeds."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.

@@ -270,5 +270,30 @@ def test_summary_sets_each_architecture_change_beside_its_parent_and_averages_se
     assert "| 1 and 1 | – |" in text[text.index("## Architecture changes"):]
 
 
+def test_summary_averages_a_distilled_student_and_the_same_decoder_without_a_teacher_over_seeds(tmp_path):
+    """A distilled student against the same decoder trained without a teacher, alone and, with seed
+    copies of both, as the change of their seed-averaged scores; SCST rows (one seed) get none."""
+    slim = dict(decoder="ud_slim", family="ud")
+    kd = dict(training="kd", teacher="small-ud-scst", **slim)
+    rows = [dict(r, variant="small-ud-xe-fp32") if r["variant"] == "small-ud-xe" else r for r in ROWS] + [
+        row("small-ud_slim-xe-fp32", "small", "architecture", 5.0, 0.80, seed=0, **slim),
+        row("small-ud_slim-kd-fp32", "small", "distill", 5.0, 0.84, seed=0, **kd),
+        row("small-ud_slim-xe_seed1-fp32", "small", "seed", 5.0, 0.82, seed=1, **slim),
+        row("small-ud_slim-xe_seed2-fp32", "small", "seed", 5.0, 0.81, seed=2, **slim),
+        row("small-ud_slim-kd_seed1-fp32", "small", "seed", 5.0, 0.80, seed=1, **kd),
+        row("small-ud_slim-kd_seed2-fp32", "small", "seed", 5.0, 0.81, seed=2, **kd),
+    ]
+    text = summary_markdown(build_table(_metrics(tmp_path, rows, per_image=True), BASELINES))
+    section = text[text.index("## Training: SCST"):text.index("## Distilled students")]
+    line = next(x for x in section.splitlines() if x.startswith("| `small-ud_slim-kd-fp32`"))
+    # alone: 0.84 against 0.80 (+5%); averaged over 3 seeds: 0.8167 against 0.81 (+0.82%)
+    assert line.startswith("| `small-ud_slim-kd-fp32` | kd | 0.8000 | 0.8400 | +5.00% [")
+    assert line.endswith("| 3 and 3 | +0.82% [+0.51, +1.14] |")
+    assert "| `small-ud-scst` | scst | 0.9000 | 1.2000 | +33.33% [" in section and "| 1 and 1 | – |" in section
+    assert "_seed" not in section
+    noise = text[text.index("## Training noise"):]
+    assert "| `small-ud_slim-kd-fp32` | 3 | 0.8400, 0.8000, 0.8100 |" in noise
+
+
 def test_no_architecture_change_no_architecture_section(tmp_path):
     assert "## Architecture changes" not in summary_markdown(build_table(_metrics(tmp_path, ROWS), BASELINES))

@@ -60,12 +60,14 @@ def test_seed_copies_are_named_after_their_reference(dstage, base, k):
     assert v.meta({**c, "seed": 10})["seed"] == 10 + k
 
 
-def test_seeds_copy_the_dense_references_and_architectures_only():
+def test_seeds_copy_the_dense_references_architectures_and_students_only():
     c = {**_small(), "seeds": 3}
     names = [v.name for v in grid(c)]
     assert names[:len(grid(_small()))] == [v.name for v in grid(_small())]  # the main rows first, unchanged
+    # the distilled student too (stage distill), never an SCST, pruned or quantized row
     assert names[len(grid(_small())):] == [
-        f"{v}_seed{k}-fp32" for k in (1, 2) for v in ("big-u-xe", "small-u-xe", "small-u_slim-xe", "small-u-xe_global0")]
+        f"{v}_seed{k}-fp32" for k in (1, 2)
+        for v in ("big-u-xe", "small-u-xe", "small-u_slim-xe", "small-u-xe_global0", "small-u_slim-kd")]
     assert all(v.stage(c) == "seed" for v in grid(c)[len(grid(_small())):])
 
 

@@ -155,20 +155,25 @@ def test_lint_is_clean():
 
 
 @pytest.mark.integration
-def test_seeds_train_each_dense_reference_and_architecture_again_under_its_own_seed(tmp_path):
+def test_seeds_train_each_dense_reference_architecture_and_student_again_under_its_own_seed(tmp_path):
     write_config(tmp_path, {**TINY_DAG, "seed": 5, "seeds": 2})
     out = smk(tmp_path, "-n", "-p", "results/table.csv").stdout
     shells = [line for line in out.splitlines() if " -m captioning " in line]
     outs = [m.group(1) for m in (re.search(r" --out (\S+)", s) for s in shells) if m]
     seeded = sorted(o.split("/decoders/")[1] for o in outs if "/decoders/" in o and "_seed1" in o)
-    # the baseline, encoder and architecture rows' cross-entropy decoders, and the dense controls
-    # fine-tuned from them
+    # the baseline, encoder and architecture rows' cross-entropy decoders, the dense controls
+    # fine-tuned from them, and the distilled student
     assert seeded == sorted(["r50/updown/xe_seed1.safetensors", "r50/aoanet/xe_seed1.safetensors",
                              "r50/transformer/xe_seed1.safetensors", "mnv3s/updown/xe_seed1.safetensors",
                              "lite0/updown/xe_seed1.safetensors", "lite0/aoanet/xe_seed1.safetensors",
                              "lite0/transformer/xe_seed1.safetensors", "lite0/updown_slim/xe_seed1.safetensors",
                              "lite0/updown/xe_global0_seed1.safetensors",
-                             "lite0/transformer/xe_global0_seed1.safetensors"])
+                             "lite0/transformer/xe_global0_seed1.safetensors",
+                             "mnv3s/updown/kd_seed1.safetensors"])
+    # the student under seed + 1 learns from the same teacher as under the main seed
+    teachers = {re.search(r"--out \S+/(kd\S*)\.safetensors", s).group(1): re.search(r'"teacher": "([^"]+)"', s).group(1)
+                for s in shells if "/mnv3s/updown/kd" in s and " train " in s}
+    assert set(teachers) == {"kd", "kd_seed1"} and teachers["kd"] == teachers["kd_seed1"]
     for s in shells:
         if "_seed1.safetensors --log-json" in s:
             assert " --seed 6 " in s, s  # seed + 1
@@ -177,7 +182,7 @@ def test_seeds_train_each_dense_reference_and_architecture_again_under_its_own_s
         elif " train " in s or " prune " in s:
             assert " --seed 5 " in s, s
     packed = [s for s in shells if " pack " in s and "_seed1-fp32.capz" in s]
-    assert len(packed) == 10
+    assert len(packed) == 11
 
 
 @pytest.mark.integration

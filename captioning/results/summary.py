@@ -9,7 +9,8 @@ cross-entropy alone. Pruned rows are also read against the sweep's dense control
 same fine-tuning: what pruning costs, apart from what the extra training gives; architecture
 changes, against their parent. With ``seeds`` > 1 the dense references were also trained under
 other seeds: their spread is training noise, which the bootstrap over test images does not see, and
-an architecture change is also compared with its parent seed-averaged.
+an architecture change (a distilled student) is also compared with its parent (the same decoder
+without a teacher) seed-averaged.
 """
 from __future__ import annotations
 
@@ -133,7 +134,8 @@ def seed_spread(df: pd.DataFrame, variant: str) -> dict | None:
 
 
 def _seed_rows(df: pd.DataFrame) -> list[str]:
-    """Every seeded model (dense reference or architecture change) beside its copies trained under the other seeds."""
+    """Every seeded model (dense reference, architecture change or distilled student) beside its copies
+    trained under the other seeds."""
     copies = df[df["stage"] == "seed"]
     if copies.empty:
         return []
@@ -145,7 +147,8 @@ def _seed_rows(df: pd.DataFrame) -> list[str]:
         per_seed = ", ".join(f"{c:.4f}" for c in s["values"])
         rows.append(f"| `{name}` | {s['n']} | {per_seed} | {s['mean']:.4f} | {s['sd']:.4f} ({s['sd_pct']:.1f}%) | "
                     f"{(s['max'] - s['min']) / s['mean'] * 100:.1f}% |")
-    return ["## Training noise: the dense references and architecture changes under several seeds", "",
+    return ["## Training noise: the dense references, architecture changes and distilled students under several seeds",
+            "",
             "The same model trained again under another seed (rows `..._seed<k>`, stage `seed`): never a reference "
             "and never in a budget. A CIDEr change smaller than this spread is within training noise, whatever "
             "its bootstrap interval says.", "",
@@ -227,6 +230,18 @@ def _seed_averaged(df: pd.DataFrame, per_image: dict, variant: str) -> tuple[int
     return len(names), {i: sum(s[i] for s in scores) / len(scores) for i in scores[0]}
 
 
+def _seeds_change(df: pd.DataFrame, per_image: dict, variant: str, ref: str) -> str:
+    """The seeds of ``variant`` and of ``ref``, and, with several of both, the change of their
+    seed-averaged per-image scores with its interval (two table cells)."""
+    (n, mine), (n_ref, theirs) = (_seed_averaged(df, per_image, v) for v in (variant, ref))
+    averaged = "–"
+    if min(n, n_ref) > 1 and mine is not None and theirs is not None:
+        per_seed = {"row": mine, "ref": theirs}
+        mean = {k: sum(v.values()) / len(v) for k, v in per_seed.items()}
+        averaged = fmt_change(*change_with_interval(per_seed, "row", "ref", mean["row"], mean["ref"]))
+    return f"{n} and {n_ref} | {averaged}"
+
+
 def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
     """Each architecture change (dense, fp32, cross-entropy) against its parent on the same encoder.
     With seed copies of both (``seeds`` > 1), also the change of their seed-averaged scores: one
@@ -240,14 +255,9 @@ def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
             continue
         parent = parents.loc[(r.encoder, r.family)]
         change = change_with_interval(per_image, r.variant, parent["variant"], r.CIDEr, parent["CIDEr"])
-        (n, mine), (n_parent, theirs) = (_seed_averaged(df, per_image, v) for v in (r.variant, parent["variant"]))
-        averaged = "–"
-        if min(n, n_parent) > 1 and mine is not None and theirs is not None:
-            per_seed = {"row": mine, "parent": theirs}
-            mean = {k: sum(v.values()) / len(v) for k, v in per_seed.items()}
-            averaged = fmt_change(*change_with_interval(per_seed, "row", "parent", mean["row"], mean["parent"]))
         rows.append(f"| `{r.variant}` | `{parent['variant']}` | {r.size_mb:.2f} | {parent['size_mb']:.2f} | "
-                    f"{parent['CIDEr']:.4f} | {r.CIDEr:.4f} | {fmt_change(*change)} | {n} and {n_parent} | {averaged} |")
+                    f"{parent['CIDEr']:.4f} | {r.CIDEr:.4f} | {fmt_change(*change)} | "
+                    f"{_seeds_change(df, per_image, r.variant, parent['variant'])} |")
     if not rows:
         return []
     return ["## Architecture changes against their parent", "",
@@ -269,13 +279,16 @@ def _training_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
             continue
         ref = xe.loc[(r.encoder, r.decoder)]
         change = change_with_interval(per_image, r.variant, ref["variant"], r.CIDEr, ref["CIDEr"])
-        rows.append(f"| `{r.variant}` | {r.training} | {ref['CIDEr']:.4f} | {r.CIDEr:.4f} | {fmt_change(*change)} |")
+        rows.append(f"| `{r.variant}` | {r.training} | {ref['CIDEr']:.4f} | {r.CIDEr:.4f} | {fmt_change(*change)} | "
+                    f"{_seeds_change(df, per_image, r.variant, ref['variant'])} |")
     if not rows:
         return []
     return ["## Training: SCST and distillation against cross-entropy alone", "",
-            "These rows change how a decoder is trained, not its size; they never fill a compression budget.", "",
-            "| variant | training | CIDEr, cross-entropy | CIDEr | change [95% CI] |", "|---|---|---|---|---|",
-            *rows, ""]
+            "These rows change how a decoder is trained, not its size; they never fill a compression budget. "
+            "With several seeds of both (a distilled student and the same decoder without a teacher), the last "
+            "column compares their per-image scores averaged over the seeds.", "",
+            "| variant | training | CIDEr, cross-entropy | CIDEr | change [95% CI] | seeds | "
+            "change of the seed averages [95% CI] |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _student_rows(df: pd.DataFrame, per_image: dict) -> list[str]:

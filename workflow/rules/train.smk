@@ -130,3 +130,17 @@ use rule train_xe as train_xe_seed with:
         f"logs/train_xe/{DS}-{{enc}}-{{dec}}-seed{{k}}.log",
     benchmark:
         f"logs/benchmarks/train_xe/{DS}-{{enc}}-{{dec}}-seed{{k}}.tsv"
+
+
+# A distilled student trained again under seed + k, from the same teacher.
+use rule train_kd as train_kd_seed with:
+    message:
+        "Distilling decoder {wildcards.dec} on encoder {wildcards.enc} features from its family's teacher (seed + {wildcards.k})"
+    output:
+        f"{WORK}/decoders/{{enc}}/{{dec}}/kd_seed{{k}}.safetensors",
+    params:
+        seed=lambda wc: config["seed"] + int(wc.k),
+    log:
+        f"logs/train_kd/{DS}-{{enc}}-{{dec}}-seed{{k}}.log",
+    benchmark:
+        f"logs/benchmarks/train_kd/{DS}-{{enc}}-{{dec}}-seed{{k}}.tsv"

@@ -5,7 +5,7 @@ import torch
 from small_decoders import image_captioner
 
 from captioning.deploy.onnx_export import names
-from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, topk
+from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, numpy_select, topk
 from captioning.models import search as torch_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -106,7 +106,7 @@ def test_numpy_search_equals_torch_search(seed):
     lengths = set((first != 0).sum(1).tolist())
     for beam in (1, 2, 3, 5):
         want = torch_search.beam_search(dec, fc, att, beam, max_len).numpy()
-        assert np.array_equal(beam_search(_numpy_step(dec), ctx_np, state_np, beam, max_len), want), beam
+        assert np.array_equal(beam_search(numpy_select(_numpy_step(dec)), ctx_np, state_np, beam, max_len), want), beam
         lengths |= set((want != 0).sum(1).tolist())
         assert (beam == 1) == np.array_equal(want, first)  # beam 1 is greedy; wider beams find other captions
     assert len(lengths) >= 3 and max_len in lengths  # captions of several lengths, some cut at max_length
@@ -146,3 +146,70 @@ def test_topk_is_a_stable_descending_sort_cut_at_k(k):
         assert ix.tolist() == ref.tolist()
         assert np.array_equal(scores, np.take_along_axis(rows, ref, 1))
     assert topk(x, k)[1].tolist() == want.tolist()
+
+def _passthrough_step() -> bytes:
+    """A stand-in step graph: logprobs = ctx_0 (fed as is), new_state_0 = state_0 + tokens, new_state_1 = state_1."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    f, i = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("Identity", ["ctx_0"], ["logprobs"]),
+             helper.make_node("Cast", ["tokens"], ["tokens_f"], to=f),
+             helper.make_node("Unsqueeze", ["tokens_f", "axis1"], ["tokens_col"]),
+             helper.make_node("Add", ["state_0", "tokens_col"], ["new_state_0"]),
+             helper.make_node("Identity", ["state_1"], ["new_state_1"])]
+    graph = helper.make_graph(
+        nodes, "step",
+        [helper.make_tensor_value_info("tokens", i, ["batch"]), helper.make_tensor_value_info("state_0", f, ["batch", 2]),
+         helper.make_tensor_value_info("state_1", f, ["batch", "t", 3]),
+         helper.make_tensor_value_info("ctx_0", f, ["batch", "words"])],
+        [helper.make_tensor_value_info("logprobs", f, ["batch", "words"]),
+         helper.make_tensor_value_info("new_state_0", f, ["batch", 2]),
+         helper.make_tensor_value_info("new_state_1", f, ["batch", "t", 3])],
+        [onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_beam_step_graph_selects_as_numpy(K):
+    """The selection appended to the step graph gives numpy_select's scores, beams, words and reordered
+    states, bit for bit: ties (lower index first), -inf beams, NaN (ranked as +inf, returned as NaN)."""
+    import onnxruntime as ort
+
+    from captioning.deploy.beam_step import beam_step_graph
+
+    step = _passthrough_step()
+    plain = ort.InferenceSession(step, providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(beam_step_graph(step), providers=["CPUExecutionProvider"])
+
+    def numpy_step(tokens, state, ctx):
+        logprobs, *new = plain.run(None, {"tokens": tokens, "state_0": state[0], "state_1": state[1], "ctx_0": ctx[0]})
+        return logprobs, tuple(new)
+
+    rng = np.random.default_rng(K)
+    B, V1 = 4, 7
+    for trial in range(20):
+        logprobs = rng.integers(-4, 1, size=(B * K, V1)).astype(np.float32)  # many ties
+        scores = rng.integers(-3, 1, size=(B, K)).astype(np.float32)
+        if trial % 2:
+            scores[:, 1:] = -np.inf                       # the first step: one live beam per image
+            scores[1] = -np.inf                           # an image with no live beam
+        if trial % 3 == 0:
+            logprobs[rng.integers(B * K), rng.integers(V1, size=2)] = np.nan
+            logprobs[rng.integers(B * K), rng.integers(V1)] = np.inf
+        tokens = rng.integers(V1, size=B * K).astype(np.int64)
+        state = (rng.standard_normal((B * K, 2)).astype(np.float32),
+                 rng.standard_normal((B * K, trial % 4 + 1, 3)).astype(np.float32))
+        with np.errstate(invalid="ignore"):  # -inf + inf
+            want = numpy_select(numpy_step)(tokens, state, (logprobs,), scores)
+        got = fused.run(None, {"tokens": tokens, "state_0": state[0], "state_1": state[1], "ctx_0": logprobs,
+                               "scores": scores})
+        for w, g in zip((*want[:3], *want[3]), got):
+            np.testing.assert_array_equal(g, w)  # NaN where NaN, bit-equal elsewhere
+
+
+def test_beam_step_graph_refuses_what_is_not_a_step_graph():
+    from captioning.deploy.beam_step import beam_step_graph
+
+    with pytest.raises(ValueError, match="not a step graph"):
+        beam_step_graph(beam_step_graph(_passthrough_step()))  # its outputs are a beam step's now

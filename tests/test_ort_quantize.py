@@ -13,7 +13,7 @@ from captioning.captioner import quantize_captioner
 from captioning.deploy.onnx_export import export_captioner, export_encoder
 from captioning.deploy.ort_quantize import encoder_ranges, quantize_decoder, quantize_encoder, quantize_graphs
 from captioning.deploy import ort_quantize
-from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy
+from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, numpy_select
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
@@ -149,8 +149,8 @@ def test_int8_captions_mostly_agree_and_fp32_nearly_chose_the_others(pair, image
     below fp32's own under the fp32 model."""
     fp32, int8 = pair
     fc, att = fp32.encode(images)
-    seq = beam_search(fp32.step, *fp32.start(fc, att), 3, MAX_LEN)
-    qseq = beam_search(int8.step, *int8.start(*int8.encode(images)), 3, MAX_LEN)
+    seq = beam_search(numpy_select(fp32.step), *fp32.start(fc, att), 3, MAX_LEN)
+    qseq = beam_search(numpy_select(int8.step), *int8.start(*int8.encode(images)), 3, MAX_LEN)
     assert (seq == qseq).all(1).mean() >= 1 / 3
     assert (_scores(fp32, fc, att, seq) - _scores(fp32, fc, att, qseq)).max() < 0.5
     assert int8.caption_images(images, 3) == [" ".join(f"w{w}" for w in row if w) for row in qseq]

@@ -15,6 +15,8 @@ import numpy as np
 
 Arrays = tuple[np.ndarray, ...]
 Step = Callable[[np.ndarray, Arrays, Arrays], tuple[np.ndarray, Arrays]]
+# (tokens, state, ctx, live scores [B, K]) -> (scores, beams, words [B, K], states reordered to the beams)
+Select = Callable[[np.ndarray, Arrays, Arrays, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, Arrays]]
 SCAN_K = 8  # widest beam whose top-k is found by repeated arg-max (see ``topk``)
 
 
@@ -64,12 +66,28 @@ def greedy(step: Step, ctx: Arrays, state: Arrays, max_length: int) -> np.ndarra
     return seq
 
 
-def beam_search(step: Step, ctx: Arrays, state: Arrays, beam_size: int, max_length: int) -> np.ndarray:
+def numpy_select(step: Step) -> Select:
+    """A beam step in numpy around ``step``: its log-probabilities, the best ``K`` continuations of each
+    image's ``K`` beams (``topk``), and the states reordered to follow them. ``OrtCaptioner.select``
+    runs the same in one ONNX Runtime call (``captioning.deploy.beam_step``)."""
+    def select(tokens: np.ndarray, state: Arrays, ctx: Arrays, scores: np.ndarray):
+        logprobs, state = step(tokens, state, ctx)
+        (B, K), V1 = scores.shape, logprobs.shape[1]
+        cand = (scores[:, :, None] + logprobs.astype(np.float32, copy=False).reshape(B, K, V1)).reshape(B, K * V1)
+        score, ix = topk(cand, K)
+        beam, word = np.divmod(ix, V1)
+        src = (beam + np.arange(B)[:, None] * K).reshape(-1)  # image i's beams are rows i*K .. i*K+K-1
+        return score, beam, word, tuple(s.take(src, axis=0) for s in state)
+    return select
+
+
+def beam_search(select: Select, ctx: Arrays, state: Arrays, beam_size: int, max_length: int) -> np.ndarray:
     """The best finished caption per image [B, max_length]; ``ctx`` and ``state`` hold one row per image.
 
     As ``captioning.models.search.beam_search``: summed log-probabilities, no length penalty, a beam
     that emits the end token finishes, the survivors finish at ``max_length``, and the search stops
-    once no live beam can beat the finished ones.
+    once no live beam can beat the finished ones. ``select`` is a beam step: ``numpy_select(step)``,
+    or ``OrtCaptioner.select``.
     """
     B, K = ctx[0].shape[0], beam_size
     ctx = tuple(np.repeat(c, K, axis=0) for c in ctx)      # row i -> rows i*K .. i*K+K-1
@@ -83,19 +101,11 @@ def beam_search(step: Step, ctx: Arrays, state: Arrays, beam_size: int, max_leng
     done_seq = np.zeros((B, K, max_length), dtype=np.int64)
     done_score = np.full((B, K), neg_inf, dtype=np.float32)
     rows = np.arange(B)[:, None]
-    first_row = rows * K                                     # image i's first row in the B*K step batch
 
     for t in range(max_length):
-        logprobs, state = step(tokens, state, ctx)
-        V1 = logprobs.shape[1]
-        cand = (live_score[:, :, None] + logprobs.astype(np.float32, copy=False).reshape(B, K, V1)).reshape(B, K * V1)
-        score, ix = topk(cand, K)
-        beam, word = np.divmod(ix, V1)
-
+        score, beam, word, state = select(tokens, state, ctx, live_score)
         live_seq = live_seq[rows, beam]
         live_seq[:, :, t] = word
-        src = (beam + first_row).reshape(-1)
-        state = tuple(s.take(src, axis=0) for s in state)
 
         ended = word == 0 if t < max_length - 1 else np.ones_like(word, dtype=bool)
         if ended.any():  # most steps end no beam: nothing to merge
@@ -119,7 +129,8 @@ class OrtCaptioner:
     """A captioner on ONNX Runtime: images in, caption strings out, no torch in the decoding loop.
 
     ``graphs`` holds the three ONNX models of ``captioning.deploy.onnx_export`` ("encoder",
-    "init", "step") as bytes or file paths. One thread by default, as the project measures latency.
+    "init", "step") as bytes or file paths; beam search runs the step with its selection appended
+    (``captioning.deploy.beam_step``). One thread by default, as the project measures latency.
     Built from a torch ``Captioner`` (``from_captioner``, ``from_artifact``), it also answers what
     evaluation asks of a captioner (``images``, ``caption_files``, ``state_groups``, ``config``):
     image files are read and resized by the torch captioner's encoder settings, and the weights
@@ -133,8 +144,11 @@ class OrtCaptioner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = threads
+        from .beam_step import beam_step_graph
+
+        graphs = {**graphs, "beam": beam_step_graph(graphs["step"])}
         self.sessions = {k: ort.InferenceSession(graphs[k], options, providers=["CPUExecutionProvider"])
-                         for k in ("encoder", "init", "step")}
+                         for k in ("encoder", "init", "step", "beam")}
         # a graph drops inputs it does not use (the Transformer's init ignores fc); asked once, not per step
         self.inputs = {k: [i.name for i in s.get_inputs()] for k, s in self.sessions.items()}
         self.itow, self.max_length = itow, max_length
@@ -210,12 +224,19 @@ class OrtCaptioner:
         logprobs, *state = self._run("step", feeds)
         return logprobs, tuple(state)
 
+    def select(self, tokens: np.ndarray, state: Arrays, ctx: Arrays, scores: np.ndarray):
+        """One beam step in one call: as ``numpy_select(self.step)``, (scores, beams, words, reordered state)."""
+        feeds = {"tokens": tokens, "scores": scores, **{f"state_{i}": s for i, s in enumerate(state)},
+                 **{f"ctx_{i}": c for i, c in enumerate(ctx)}}
+        score, beam, word, *state = self._run("beam", feeds)
+        return score, beam, word, tuple(state)
+
     def caption_images(self, images, beam_size: int = 3) -> list[str]:
         """Captions as ``Captioner.caption_images`` gives them (beam search; beam 1 is greedy)."""
         from ..data.prepare import decode
 
         ctx, state = self.start(*self.encode(images))
-        seq = beam_search(self.step, ctx, state, beam_size, self.max_length)
+        seq = beam_search(self.select, ctx, state, beam_size, self.max_length)
         return [decode(self.itow, s) for s in seq.tolist()]
 
 

@@ -1,0 +1,73 @@
+"""Beam search on ONNX Runtime: the selection in numpy against the selection inside the step graph.
+
+Both searches run the same int8 graphs of one model (``latency.py``'s random-init lite0 captioners
+at the experiment's widths, or ``--run RUN_DIR``'s trained lite0 fp32 artifacts quantized with
+``latency.py``'s calibration), from the same encoder features, taking turns per image; both must
+give the same captions. Prints the CPU's flags, the median time of one search (beam 3, one thread)
+each way, and their ratio.
+
+    .venv/bin/python benchmarks/beam_step.py [--runs 50] [--run work/synth] [--decoders updown ...]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from latency import BEAM, IMAGES, ROOT, calibration_images, cpu, random_captioner
+
+from captioning.captioner import load_captioner
+from captioning.deploy.onnx_export import export_captioner
+from captioning.deploy.ort_quantize import encoder_ranges, quantize_graphs
+from captioning.deploy.ort_search import OrtCaptioner, beam_search, numpy_select
+
+
+def int8_captioner(dec: str, config: dict, run: Path | None) -> OrtCaptioner:
+    lite0 = (load_captioner(run / "artifacts" / f"lite0-{dec}-xe-fp32.capz", device="cpu", threads=1) if run else
+             random_captioner("tf_efficientnet_lite0", config["encoders"]["lite0"]["img_size"], dec, config))
+    graphs = export_captioner(lite0)
+    ort = OrtCaptioner(quantize_graphs(graphs, encoder_ranges(graphs["encoder"], calibration_images(lite0.encoder).numpy())),
+                       lite0.itow, lite0.max_length)
+    ort.torch = lite0
+    return ort
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=50, help="timed searches per way (median)")
+    ap.add_argument("--run", type=Path, help="a finished run's folder (work/<dataset>): its lite0 fp32 artifacts")
+    ap.add_argument("--decoders", nargs="+", default=["updown", "aoanet", "transformer"])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # harmless: see onnx_export's docstring
+    model, flags = cpu()
+    print(f"CPU: {model}; " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in flags.items()))
+    print(f"one beam search (beam {BEAM}, 1 thread, int8 graphs), median of {args.runs}, ms\n")
+    print("| decoder | steps | numpy selection | selection in the graph | ratio |\n|---|---|---|---|---|")
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    for dec in args.decoders:
+        ort = int8_captioner(dec, config, args.run)
+        ways = {"numpy": numpy_select(ort.step), "graph": ort.select}
+        times, steps = {w: [] for w in ways}, []
+        for i in range(args.runs + 3):
+            ctx, state = ort.start(*ort.encode(ort.images([IMAGES[i % len(IMAGES)]])))
+            seqs = {}
+            for way, select in ways.items():
+                t0 = time.perf_counter()
+                seqs[way] = beam_search(select, ctx, state, BEAM, ort.max_length)
+                times[way].append(time.perf_counter() - t0)
+            if not np.array_equal(seqs["numpy"], seqs["graph"]):
+                raise SystemExit(f"{dec}: the two searches gave different captions")
+            steps.append(min(int((seqs["graph"] != 0).sum()) + 1, ort.max_length))  # words and the end token
+        ms = {w: 1000 * statistics.median(t[3:]) for w, t in times.items()}
+        print(f"| {dec} | {statistics.median(steps):.0f} | {ms['numpy']:.2f} | {ms['graph']:.2f} "
+              f"| {ms['numpy'] / ms['graph']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -142,10 +142,10 @@ class OrtCaptioner:
     def __init__(self, graphs: dict, itow: dict[int, str], max_length: int, threads: int = 1):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = threads
         from .beam_step import beam_step_graph
 
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
         graphs = {**graphs, "beam": beam_step_graph(graphs["step"])}
         self.sessions = {k: ort.InferenceSession(graphs[k], options, providers=["CPUExecutionProvider"])
                          for k in ("encoder", "init", "step", "beam")}

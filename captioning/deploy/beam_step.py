@@ -13,7 +13,8 @@ The arithmetic is the numpy path's, so the captions are the same: candidates are
 in float32; ONNX's TopK puts the lower index first among equal values (the numpy ``topk``'s order);
 NaN ranks as +inf there too and is returned as NaN; ``beam``, ``word`` = divmod(index, V+1); every
 ``new_state_i`` row is taken from its beam's row. ``B`` and ``K`` come from ``scores``' shape, so
-one graph serves any batch and beam width.
+one graph serves any batch and beam width. ``search_graph`` loops over this graph, so captioning
+makes one call per search, not per step.
 """
 from __future__ import annotations
 

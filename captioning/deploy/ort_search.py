@@ -1,11 +1,12 @@
-"""Captioning with ONNX Runtime: the exported graphs driven by numpy greedy and beam search.
+"""Captioning with ONNX Runtime: the exported graphs, with greedy and beam search in numpy and in a graph.
 
 ``greedy`` and ``beam_search`` are ``captioning.models.search``'s, line for line, on numpy arrays:
 same float32 score sums, same end-token rules, same early stop, same stable merge of finished
 hypotheses. One difference cannot be copied: which of two exactly equal scores ``torch.topk`` puts
 first is unspecified (on CPU it depends on the tensor's size), so here the lower index wins. With
 real weights, different words almost never get exactly equal float32 scores, so the captions match
-the torch path's.
+the torch path's. ``OrtCaptioner`` captions with ``search_graph``, the same beam search as ONNX
+nodes (one runtime call per search); the numpy one is its reference in tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -129,8 +130,9 @@ class OrtCaptioner:
     """A captioner on ONNX Runtime: images in, caption strings out, no torch in the decoding loop.
 
     ``graphs`` holds the three ONNX models of ``captioning.deploy.onnx_export`` ("encoder",
-    "init", "step") as bytes or file paths; beam search runs the step with its selection appended
-    (``captioning.deploy.beam_step``). One thread by default, as the project measures latency.
+    "init", "step") as bytes or file paths; beam search runs as one graph, a Loop over the step with
+    its selection appended (``captioning.deploy.search_graph``, ``beam_step``), so a batch of images
+    is three runtime calls. One thread by default, as the project measures latency.
     Built from a torch ``Captioner`` (``from_captioner``, ``from_artifact``), it also answers what
     evaluation asks of a captioner (``images``, ``caption_files``, ``state_groups``, ``config``):
     image files are read and resized by the torch captioner's encoder settings, and the weights
@@ -143,14 +145,12 @@ class OrtCaptioner:
         import onnxruntime as ort
 
         from .beam_step import beam_step_graph
+        from .search_graph import search_graph
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = threads
-        graphs = {**graphs, "beam": beam_step_graph(graphs["step"])}
-        self.sessions = {k: ort.InferenceSession(graphs[k], options, providers=["CPUExecutionProvider"])
-                         for k in ("encoder", "init", "step", "beam")}
-        # a graph drops inputs it does not use (the Transformer's init ignores fc); asked once, not per step
-        self.inputs = {k: [i.name for i in s.get_inputs()] for k, s in self.sessions.items()}
+        beam = beam_step_graph(graphs["step"])
+        self.sessions = _Sessions({**graphs, "beam": beam, "search": search_graph(beam, max_length)}, options)
         self.itow, self.max_length = itow, max_length
         self.n_ctx = sum(o.name.startswith("ctx_") for o in self.sessions["init"].get_outputs())
         self.torch, self.quantization, self.config, self.source = None, "fp32", {}, "onnxruntime"
@@ -204,7 +204,7 @@ class OrtCaptioner:
         return self  # the CPU execution provider only
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[name].run(None, {n: feeds[n] for n in self.inputs[name]})
+        return self.sessions[name].run(None, {n: feeds[n] for n in self.sessions.inputs[name]})
 
     def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
         """Images [B, 3, S, S] (numpy or torch, normalised as the encoder expects) -> (fc, att)."""
@@ -235,9 +235,37 @@ class OrtCaptioner:
         """Captions as ``Captioner.caption_images`` gives them (beam search; beam 1 is greedy)."""
         from ..data.prepare import decode
 
-        ctx, state = self.start(*self.encode(images))
-        seq = beam_search(self.select, ctx, state, beam_size, self.max_length)
+        seq = self.search(*self.start(*self.encode(images)), beam_size)
         return [decode(self.itow, s) for s in seq.tolist()]
+
+    def search(self, ctx: Arrays, state: Arrays, beam_size: int) -> np.ndarray:
+        """``beam_search(self.select, ctx, state, beam_size, max_length)`` in one runtime call: the search graph."""
+        from .search_graph import BEAM_SIZE
+
+        feeds = {**{f"image_ctx_{i}": c for i, c in enumerate(ctx)}, **{f"image_state_{i}": s for i, s in enumerate(state)},
+                 BEAM_SIZE: np.array(beam_size, dtype=np.int64)}
+        return self._run("search", feeds)[0]
+
+
+class _Sessions(dict):
+    """ONNX Runtime sessions by graph name, each made on first use: captioning needs the encoder, init
+    and search graphs; the plain step and the beam step (greedy, ``select``, parity tests) load only
+    when asked for, so their weights are not loaded twice for every caption model."""
+
+    def __init__(self, graphs: dict, options):
+        super().__init__()
+        self.graphs, self.options, self.inputs = graphs, options, {}
+        for name in ("encoder", "init", "search"):  # a bad graph fails at load, not at the first caption
+            self.__missing__(name)
+
+    def __missing__(self, name: str):
+        import onnxruntime as ort
+
+        graph = self.graphs.pop(name)  # the session holds its own copy
+        session = self[name] = ort.InferenceSession(graph, self.options, providers=["CPUExecutionProvider"])
+        # a graph drops inputs it does not use (the Transformer's init ignores fc); asked once, not per step
+        self.inputs[name] = [i.name for i in session.get_inputs()]
+        return session
 
 
 def _checked_ranges(ranges, where: str) -> dict[str, list[float]]:

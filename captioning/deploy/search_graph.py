@@ -1,0 +1,154 @@
+"""The whole beam search as one ONNX graph: a Loop over the beam step, so a search is one runtime call.
+
+``ort_search.beam_search`` drives ``beam_step``'s graph from Python, one ONNX Runtime call per
+word, and each call pays the runtime's fixed cost and the loop's numpy bookkeeping. Here the loop
+and its bookkeeping are ONNX nodes around the beam step, so the runtime runs the search from the
+decoder's first state to the finished captions: 1.23-1.38x faster (``benchmarks/beam_step.py``,
+int8, beam 3, one thread; trained Up-Down 2.57 -> 2.06 ms, AoANet 2.30 -> 1.67, Transformer
+4.30 -> 3.48). And a deployment without Python (ONNX Runtime Mobile, its C, Java or JavaScript
+bindings) gets the search as well as the model:
+
+    search    image_state_i.., image_ctx_i.. [B, ...], beam_size [] int64 -> seq [B, max_length] int64
+
+``image_*`` are the ``init`` graph's outputs, one row per image. Each step is ``beam_search``'s,
+node for node: the K live beams continue as the beam step chose; a beam that emits the end token
+(or reaches ``max_length``) is merged into the K finished ones by a stable descending sort (TopK
+puts the lower index first among equal values, as ``np.argsort(-x, kind="stable")``), and the loop
+stops once no live beam can beat a finished one. Merging when no beam ended changes nothing
+(finished scores come first among ties), so it runs every step. For finite scores the captions are
+the numpy search's; where a model emits NaN, the order among NaN and -inf finished scores may differ.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .beam_step import OUTPUTS, SCORES
+
+BEAM_SIZE, SEQ = "beam_size", "seq"
+_P = "search/"  # prefix of every name added here
+
+
+class _Builder:
+    """Nodes and constants appended to one graph, each output named uniquely under ``_P``."""
+
+    def __init__(self, scope: str, nodes: list, initializers: list):
+        self.scope, self.nodes, self.initializers = scope, nodes, initializers
+
+    def const(self, name, value, dtype=np.int64) -> str:
+        full = f"{_P}{self.scope}/{name}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), full))
+        return full
+
+    def __call__(self, op, inputs, n_out=1, **attrs):
+        stem = f"{_P}{self.scope}/{op}_{len(self.nodes)}"
+        out = [f"{stem}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, out, name=stem, **attrs))
+        return out if n_out > 1 else out[0]
+
+
+def _type_and_shape(info: onnx.ValueInfoProto) -> tuple[int, list]:
+    """A tensor's element type and shape: fixed dims kept, the others unknown (a state may grow step by step)."""
+    tt = info.type.tensor_type
+    return tt.elem_type, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+
+def search_graph(beam: bytes, max_length: int) -> bytes:
+    """The beam step graph ``beam`` (``beam_step.beam_step_graph``'s output) inside a Loop of at most
+    ``max_length`` steps, with ``beam_search``'s bookkeeping (see the module docstring)."""
+    model = onnx.load_from_string(beam)
+    g = model.graph
+    outs = [o.name for o in g.output]
+    if outs[:3] != list(OUTPUTS) or not all(o.startswith("beam_new_state_") for o in outs[3:]):
+        raise ValueError(f"not a beam step graph (outputs {outs})")
+    n_state = len(outs) - 3
+    ins = {i.name: i for i in g.input}
+    ctx_names = sorted((n for n in ins if n.startswith("ctx_")), key=lambda n: int(n[4:]))
+    state_info = {o.name[len("beam_new_"):]: o for o in g.output[3:]}  # type and shape (dim 0: the batch)
+    T = max_length
+
+    # --- the loop body: the beam step, then beam_search's bookkeeping on the carried tensors
+    body_nodes, body_inits = list(g.node), list(g.initializer)
+    b = _Builder("body", body_nodes, body_inits)
+    t, live_seq, done_seq, done_score = "search/t", "search/live_seq", "search/done_seq", "search/done_score"
+    neg_inf = b.const("neg_inf", -np.inf, np.float32)
+    score, beam_ix, word = OUTPUTS
+    seq_shape = b("Shape", [live_seq])
+    follow = b("Expand", [b("Unsqueeze", [beam_ix, b.const("axis2", [2])]), seq_shape])
+    at_t = b("Equal", [b.const("positions", np.arange(T)), t])                        # [T]
+    live = b("Where", [at_t, b("Unsqueeze", [word, b.const("axis2b", [2])]), b("GatherElements", [live_seq, follow], axis=1)])
+    ended = b("Or", [b("Equal", [word, b.const("end", 0)]), b("Equal", [t, b.const("last", T - 1)])])
+    merged = b("Concat", [done_score, b("Where", [ended, score, neg_inf])], axis=1)  # [B, 2K]
+    k = b("Shape", [SCORES], start=1, end=2)
+    _, order = b("TopK", [merged, k], n_out=2, axis=1, largest=1, sorted=1)
+    new_done_score = b("GatherElements", [merged, order], axis=1)
+    both = b("Concat", [done_seq, live], axis=1)                                     # [B, 2K, T]
+    new_done_seq = b("GatherElements", [both, b("Expand", [b("Unsqueeze", [order, b.const("axis2c", [2])]), seq_shape])], axis=1)
+    new_score = b("Where", [ended, neg_inf, score])
+    hopeless = b("LessOrEqual", [b("ReduceMax", [new_score], axes=[1], keepdims=0),
+                                 b("ReduceMin", [new_done_score], axes=[1], keepdims=0)])  # worst finished: last
+    go_on = b("Equal", [b("ReduceMin", [b("Cast", [hopeless], to=TensorProto.INT32)], keepdims=0), b.const("zero32", 0, np.int32)])
+    tokens = b("Reshape", [word, b.const("flat", [-1])])
+
+    carried_out = [tokens, new_score, *(f"beam_new_state_{i}" for i in range(n_state)), live, new_done_seq, new_done_score]
+    body_out_names = ["search/go_on", "search/tokens_out", "search/scores_out",
+                      *(f"search/state_out_{i}" for i in range(n_state)),
+                      "search/live_seq_out", "search/done_seq_out", "search/done_score_out"]
+    for src, dst in zip([go_on, *carried_out], body_out_names):
+        body_nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    carried = [("tokens", i64, ["rows"]), (SCORES, f32, ["batch", "beam"]),
+               *((f"state_{i}", *_type_and_shape(state_info[f"state_{i}"])) for i in range(n_state)),
+               (live_seq, i64, ["batch", "beam", T]), (done_seq, i64, ["batch", "beam", T]), (done_score, f32, ["batch", "beam"])]
+    body = helper.make_graph(
+        body_nodes, "search_step",
+        [helper.make_tensor_value_info(t, i64, []), helper.make_tensor_value_info("search/cond", TensorProto.BOOL, []),
+         *(helper.make_tensor_value_info(n, ty, shape) for n, ty, shape in carried)],
+        [helper.make_tensor_value_info(body_out_names[0], TensorProto.BOOL, []),
+         *(helper.make_tensor_value_info(n, ty, shape) for n, (_, ty, shape) in zip(body_out_names[1:], carried))],
+        body_inits)
+
+    # --- the outer graph: K copies of every image's rows, the first step's scores, the loop, the best caption
+    nodes, inits = [], []
+    o = _Builder("outer", nodes, inits)
+    first = "image_state_0" if n_state else f"image_{ctx_names[0]}"
+    B = o("Shape", [first], start=0, end=1)
+    K = o("Reshape", [BEAM_SIZE, o.const("one_dim", [1])])
+
+    BK = o("Mul", [B, K])
+
+    def repeat(x: str, out: str) -> None:
+        """Row i -> rows i*K .. i*K+K-1 (np.repeat(x, K, axis=0)); allowzero: the Transformer's first cache is [B, 0, d]."""
+        rest = o("Shape", [x], start=1)
+        wide = o("Expand", [o("Unsqueeze", [x, o.const(f"axis1_{out}", [1])]), o("Concat", [B, K, rest], axis=0)])
+        nodes.append(helper.make_node("Reshape", [wide, o("Concat", [BK, rest], axis=0)], [out],
+                                      name=_P + "repeat_" + out, allowzero=1))
+
+    for name in ctx_names:
+        repeat("image_" + name, name)  # the body reads ctx_i from here (outer scope)
+    for i in range(n_state):
+        repeat(f"image_state_{i}", f"search/state_in_{i}")
+    start_scores = o("Where", [o("Equal", [o("Range", [o.const("zero", 0), BEAM_SIZE, o.const("step", 1)]), o.const("zero_b", 0)]),
+                               o.const("zero_f", 0.0, np.float32), o.const("neg_inf", -np.inf, np.float32)])
+    seq_dims = o("Concat", [B, K, o.const("T", [T])], axis=0)
+    zeros_seq = o("ConstantOfShape", [seq_dims], value=numpy_helper.from_array(np.zeros(1, np.int64)))
+    initial = [o("ConstantOfShape", [BK], value=numpy_helper.from_array(np.zeros(1, np.int64))),
+               o("Expand", [start_scores, o("Concat", [B, K], axis=0)]),
+               *(f"search/state_in_{i}" for i in range(n_state)),
+               zeros_seq, zeros_seq,
+               o("ConstantOfShape", [o("Concat", [B, K], axis=0)], value=numpy_helper.from_array(np.full(1, -np.inf, np.float32)))]
+    finals = [f"search/final_{n}" for n in ("tokens", "scores", *(f"state_{i}" for i in range(n_state)), "live", "done", "done_score")]
+    nodes.append(helper.make_node("Loop", [o.const("max_length", T), o.const("true", True, np.bool_), *initial], finals,
+                                  name=_P + "loop", body=body))
+    nodes.append(helper.make_node("Gather", [finals[-2], o.const("best", 0)], [SEQ], name=_P + "best", axis=1))
+
+    inputs = [*(helper.make_tensor_value_info(f"image_state_{i}", *_type_and_shape(state_info[f"state_{i}"]))
+                for i in range(n_state)),
+              *(helper.make_tensor_value_info("image_" + n, *_type_and_shape(ins[n])) for n in ctx_names),
+              helper.make_tensor_value_info(BEAM_SIZE, i64, [])]
+    outer = helper.make_graph(nodes, "search", inputs, [helper.make_tensor_value_info(SEQ, i64, ["batch", T])], inits)
+    out = helper.make_model(outer, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    onnx.checker.check_model(out)
+    return out.SerializeToString()

@@ -85,7 +85,7 @@ def cmd_prune(a):
     from .training import finetune_pruned
 
     finetune_pruned(a.decoder, a.features, a.prepared, a.out, a.method, a.ratio, seed=a.seed,
-                    device=a.device, log_json=a.log_json, **a.finetune)
+                    device=a.device, log_json=a.log_json, teacher=a.teacher, **a.finetune)
 
 
 def cmd_pack(a):
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="global", choices=["global", "layerwise", "gradual", "lamp", "gradual_lamp"])
     s.add_argument("--ratio", type=float, required=True, help="fraction of the decoder's weights set to zero (0: the dense control, the same fine-tuning)")
     s.add_argument("--finetune", type=_json_arg, default={}, help="fine-tuning settings as JSON")
+    s.add_argument("--teacher", help="with finetune kd_teacher scst: the decoder's SCST checkpoint, which teaches")
 
     s = verb("pack", cmd_pack, "pack encoder + decoder + vocabulary into one .capz artifact", prepared, meta, out,
              beam, device)

@@ -265,6 +265,30 @@ def test_finetune_distils_from_the_unpruned_decoder_with_masks_held(base, tmp_pa
     assert all((weights[n][~keep] == 0).all() for n, keep in masks.items())
 
 
+def test_finetune_distils_from_another_teacher_with_kd_teacher_scst(base, tmp_path):
+    """kd_teacher scst: the given checkpoint (the decoder after SCST) teaches, not the one pruned; masks held."""
+    feats, prep, ckpt = base
+    teacher = tmp_path / "scst.safetensors"
+    train_xe(feats, prep, teacher, "updown", TINY, epochs=1, lr=1e-2, init_from=ckpt, **FT)  # another decoder
+    res = finetune_pruned(ckpt, feats, prep, tmp_path / "kd.safetensors", "global", 0.8, epochs=1, lr=1e-2,
+                          kd_weight=0.5, kd_mode="sequence", kd_teacher="scst", teacher=teacher, **FT)
+    kd = res["settings"]["kd"]
+    assert kd["teacher_sha256"] != res["settings"]["init_from"]["sha256"] and kd["kd_mode"] == "sequence"
+    assert read_decoder_meta(tmp_path / "kd.safetensors")["teacher"]["path"] == str(teacher)
+    masks = make_masks(load_decoder(ckpt), "global", 0.8)
+    weights = dict(load_decoder(tmp_path / "kd.safetensors").named_parameters())
+    assert all((weights[n][~keep] == 0).all() for n, keep in masks.items())
+    # the control (ratio 0) takes the same teacher
+    control = finetune_pruned(ckpt, feats, prep, tmp_path / "c.safetensors", "global", 0.0, epochs=1, lr=1e-2,
+                              kd_weight=0.5, kd_mode="sequence", kd_teacher="scst", teacher=teacher, **FT)
+    assert control["settings"]["kd"]["teacher_sha256"] == kd["teacher_sha256"]
+    for bad, match in ((dict(kd_teacher="scst"), "needs the SCST decoder"), (dict(teacher=teacher), "only it does"),
+                       (dict(kd_teacher="dense"), "kd_teacher must be")):
+        with pytest.raises(UserError, match=match):
+            finetune_pruned(ckpt, feats, prep, tmp_path / "x.safetensors", "global", 0.8, epochs=1, kd_weight=0.5,
+                            **bad, **FT)
+
+
 def test_gradual_with_a_shorter_schedule_recovers_at_the_target(base, tmp_path):
     feats, prep, ckpt = base
     res = finetune_pruned(ckpt, feats, prep, tmp_path / "g.safetensors", "gradual", 0.8, epochs=4, lr=1e-2,

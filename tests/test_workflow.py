@@ -186,6 +186,26 @@ def test_seeds_train_each_dense_reference_architecture_and_student_again_under_i
 
 
 @pytest.mark.integration
+def test_pruned_fine_tuning_and_its_control_learn_from_the_scst_decoder_with_kd_teacher_scst(tmp_path):
+    prune = {**TINY_DAG["compress"]["prune"], "finetune": {"epochs": 2, "batch_size": 10, "kd_weight": 0.5,
+                                                           "kd_teacher": "scst"}}
+    write_config(tmp_path, {**TINY_DAG, "compress": {**TINY_DAG["compress"], "prune": prune}})
+    shells = [line for line in smk(tmp_path, "-n", "-p", "results/table.csv").stdout.splitlines()
+              if " -m captioning " in line]
+    pruned = [s for s in shells if " prune " in s]
+    assert {re.search(r"--out \S+/decoders/(\S+)\.safetensors", s).group(1) for s in pruned} >= {
+        "lite0/updown/xe_global0", "lite0/updown/xe_global0.5", "lite0/transformer/xe_global0.5"}
+    for s in pruned:
+        dec = re.search(r"--decoder \S+/decoders/lite0/(\w+)/xe\.safetensors", s).group(1)
+        assert f"--teacher work/tiny/decoders/lite0/{dec}/scst.safetensors " in s, s
+    # the Transformer is not in scst.decoders: its SCST decoder is built for the teacher alone
+    assert any(" scst " in s and "--out work/tiny/decoders/lite0/transformer/scst.safetensors" in s for s in shells)
+    # the default teaches from the decoder itself: no --teacher
+    write_config(tmp_path, TINY_DAG)
+    assert " --teacher " not in smk(tmp_path, "-n", "-p", "results/table.csv").stdout
+
+
+@pytest.mark.integration
 def test_an_scst_teacher_is_trained_on_demand_and_teaches_by_its_captions(tmp_path):
     write_config(tmp_path, {**TINY_DAG, "distill": {**TINY_DAG["distill"], "teacher_training": "scst"}})
     shells = [line for line in smk(tmp_path, "-n", "-p", "results/table.csv").stdout.splitlines()

@@ -97,6 +97,17 @@ def calibration_images(wc):
     return config["compress"]["calibration_images"] if (v.runtime, v.quantization) == ("onnxruntime", "int8") else 0
 
 
+def prune_teacher(wc):
+    """The SCST decoder that teaches pruned fine-tuning and its control (finetune kd_teacher scst), else none."""
+    if config["compress"]["prune"]["finetune"].get("kd_teacher", "self") != "scst":
+        return []
+    return f"{WORK}/decoders/{wc.enc}/{wc.dec}/scst.safetensors"
+
+
+def teacher_arg(wc, input):
+    return f"--teacher {input.teacher}" if input.teacher else ""
+
+
 def all_artifacts():
     return [f"{WORK}/artifacts/{v.name}.capz" for v in grid(config)]
 

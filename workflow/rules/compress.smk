@@ -11,11 +11,13 @@ rule prune_finetune:
         labels=rules.prepare_captions.output.labels,
         refs=rules.prepare_captions.output.refs_val,
         info=rules.prepare_captions.output.info,
+        teacher=prune_teacher,
     output:
         f"{WORK}/decoders/{{enc}}/{{dec}}/{{train}}_{{method}}{{ratio}}.safetensors",
     params:
         cli=CAPTIONING,
         finetune=as_json({**config["compress"]["prune"]["finetune"], **gpu_opts()}),
+        teacher=teacher_arg,
         prep=lambda wc, input: os.path.dirname(input.info),
         seed=config["seed"],
         device=config["device"],
@@ -34,7 +36,7 @@ rule prune_finetune:
     shell:
         "{params.cli} prune --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
         " --method {wildcards.method} --ratio {wildcards.ratio} --finetune {params.finetune:q}"
-        " --seed {params.seed} --threads {threads} --device {params.device} --out {output}"
+        " --seed {params.seed} --threads {threads} --device {params.device} --out {output} {params.teacher}"
         " --log-json {log}.json > {log} 2>&1"
 
 

@@ -153,6 +153,14 @@ def cmd_caption(a):
             print(f"{p}\t{c}")
 
 
+def cmd_export(a):
+    from .captioner import load_captioner
+    from .deploy.bundle import export_bundle
+
+    for path in export_bundle(load_captioner(a.model, runtime="onnxruntime"), a.out):
+        print(path)
+
+
 def _shared(*flags, **kwargs) -> argparse.ArgumentParser:
     """A parent parser holding one option, for the verbs that share it."""
     p = argparse.ArgumentParser(add_help=False)
@@ -282,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", choices=["torch", "onnxruntime"],
                    help="run on this engine (default: the one the artifact was packed for, which the table measured)")
     s.add_argument("--json", action="store_true")
+
+    s = verb("export", cmd_export, "write an artifact's ONNX Runtime graphs (encoder, decoder set-up, beam search) "
+             "and captioner.json into a folder, for a runtime without Python", model)
+    s.add_argument("--out", required=True, help="the folder to write")
     return p
 
 

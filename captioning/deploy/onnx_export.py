@@ -21,7 +21,8 @@ left between quantized convolutions (``export_encoder``).
 
 Graphs come back as ONNX model bytes: ``onnxruntime.InferenceSession`` takes them as they are.
 The legacy TorchScript exporter (``dynamo=False``, opset 17) handles every family without changes;
-its TracerWarning about ``math.sqrt`` of a head width is harmless (the width is fixed per model).
+its TracerWarning about ``math.sqrt`` of a head width is harmless (the width is fixed per model), so
+it is not shown.
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # F.pad's widths: left for ONNX Runtime to fold (``_constant_folded``)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # see the module docstring
         torch.onnx.export(module, args, buf, input_names=inputs, output_names=outputs, dynamic_axes=axes,
                           opset_version=OPSET, dynamo=False)
     return buf.getvalue()

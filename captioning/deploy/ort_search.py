@@ -168,20 +168,8 @@ class OrtCaptioner:
     @classmethod
     def from_artifact(cls, captioner, mode: str, ranges, threads: int = 1) -> "OrtCaptioner":
         """The graphs of a loaded artifact (``captioner``: its stored weights, computing in float),
-        computing in ``mode``: int8 quantizes the encoder statically with the artifact's calibrated
-        activation ``ranges`` and the decoder's matmuls dynamically."""
-        from ..errors import UserError
-        from .onnx_export import export_captioner
-
-        graphs = export_captioner(captioner)
-        if mode == "int8":
-            from .ort_quantize import quantize_graphs
-
-            try:
-                graphs = quantize_graphs(graphs, _checked_ranges(ranges, captioner.source))
-            except ValueError as e:
-                raise UserError(f"{captioner.source}: {str(e).strip().splitlines()[0]}") from None
-        ort = cls(graphs, captioner.itow, captioner.max_length, threads)
+        computing in ``mode`` (``artifact_graphs``)."""
+        ort = cls(artifact_graphs(captioner, mode, ranges), captioner.itow, captioner.max_length, threads)
         ort.torch, ort.quantization, ort.config, ort.source = captioner, mode, captioner.config, captioner.source
         return ort
 
@@ -266,6 +254,24 @@ class _Sessions(dict):
         # a graph drops inputs it does not use (the Transformer's init ignores fc); asked once, not per step
         self.inputs[name] = [i.name for i in session.get_inputs()]
         return session
+
+
+def artifact_graphs(captioner, mode: str, ranges) -> dict[str, bytes]:
+    """The encoder, init and step graphs of a loaded artifact (``captioner``: its stored weights,
+    computing in float) in ``mode``: int8 quantizes the encoder statically with the artifact's
+    calibrated activation ``ranges`` and the decoder's matmuls dynamically."""
+    from ..errors import UserError
+    from .onnx_export import export_captioner
+
+    graphs = export_captioner(captioner)
+    if mode == "int8":
+        from .ort_quantize import quantize_graphs
+
+        try:
+            graphs = quantize_graphs(graphs, _checked_ranges(ranges, captioner.source))
+        except ValueError as e:
+            raise UserError(f"{captioner.source}: {str(e).strip().splitlines()[0]}") from None
+    return graphs
 
 
 def _checked_ranges(ranges, where: str) -> dict[str, list[float]]:

@@ -66,6 +66,16 @@ def test_onnx_runtime_takes_numpy_images_and_several_threads(images):
     assert OrtCaptioner.from_captioner(cap, threads=2).caption_images(images.numpy()) == cap.caption_images(images)
 
 
+def test_captioning_loads_no_step_session_and_a_step_loads_its_own(images):
+    ort_cap = OrtCaptioner.from_captioner(_captioner("updown", 0.0))
+    assert set(ort_cap.sessions) == {"encoder", "init", "search"}
+    ort_cap.caption_images(images, 3)
+    assert set(ort_cap.sessions) == {"encoder", "init", "search"}  # the search graph holds the step
+    ctx, state = ort_cap.start(*ort_cap.encode(images.numpy()))
+    logprobs, _ = ort_cap.step(np.zeros(len(images), dtype=np.int64), state, ctx)
+    assert logprobs.shape == (len(images), WORDS + 1) and set(ort_cap.sessions) == {"encoder", "init", "search", "step"}
+
+
 class _Markov:
     """A stand-in decoder: the next word depends on the last one and the image, and the end token
     grows likelier at every step, so captions end at every length (random decoders end at once or never)."""

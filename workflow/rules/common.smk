@@ -105,7 +105,7 @@ def prune_teacher(wc):
 
 
 def teacher_arg(wc, input):
-    return f"--teacher {input.teacher}" if input.teacher else ""
+    return f" --teacher {input.teacher}" if input.teacher else ""
 
 
 def all_artifacts():

@@ -36,7 +36,7 @@ rule prune_finetune:
     shell:
         "{params.cli} prune --decoder {input.decoder} --features {input.features} --prepared {params.prep}"
         " --method {wildcards.method} --ratio {wildcards.ratio} --finetune {params.finetune:q}"
-        " --seed {params.seed} --threads {threads} --device {params.device} --out {output} {params.teacher}"
+        " --seed {params.seed} --threads {threads} --device {params.device}{params.teacher} --out {output}"
         " --log-json {log}.json > {log} 2>&1"
 
 

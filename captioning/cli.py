@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on this engine (default: the one the artifact was packed for, which the table measured)")
     s.add_argument("--json", action="store_true")
 
-    s = verb("export", cmd_export, "write an artifact's ONNX Runtime graphs (encoder, decoder set-up, beam search) "
-             "and captioner.json into a folder, for a runtime without Python", model)
+    s = verb("export", cmd_export, "write an artifact as one ONNX model (image tensor to word ids, beam search "
+             "inside) and captioner.json into a folder, for a runtime without Python", model)
     s.add_argument("--out", required=True, help="the folder to write")
     return p
 

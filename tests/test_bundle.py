@@ -1,5 +1,5 @@
-"""`captioning export`: an artifact's ONNX files and captioner.json caption with onnxruntime and PIL
-alone, as the artifact does on ONNX Runtime."""
+"""`captioning export`: an artifact's one ONNX model and captioner.json caption with onnxruntime and
+PIL alone, as the artifact does on ONNX Runtime."""
 import json
 from pathlib import Path
 
@@ -29,22 +29,20 @@ def _image(path: Path, size: int, mean, std) -> np.ndarray:
 
 def _caption_with_bundle(folder: Path, paths, beam: int) -> list[str]:
     meta = json.loads((folder / "captioner.json").read_text())
-    run = {k: ort.InferenceSession(str(folder / f), providers=["CPUExecutionProvider"]) for k, f in meta["graphs"].items()}
+    session = ort.InferenceSession(str(folder / meta["model"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "beam_size"]
+    assert [o.name for o in session.get_outputs()] == ["seq"]
     img = meta["image"]
     images = np.stack([_image(p, img["size"], img["mean"], img["std"]) for p in paths])
-    fc, att = run["encoder"].run(None, {"images": images})
-    init = run["init"].run(None, {i.name: {"fc": fc, "att": att}[i.name] for i in run["init"].get_inputs()})
-    feeds = {"image_" + o.name: v for o, v in zip(run["init"].get_outputs(), init)}
-    feeds["beam_size"] = np.array(beam, dtype=np.int64)
-    seq, = run["search"].run(None, {i.name: feeds[i.name] for i in run["search"].get_inputs()})
+    seq, = session.run(None, {"images": images, "beam_size": np.array(beam, dtype=np.int64)})
     assert seq.shape == (len(paths), meta["max_length"])
     words = [[meta["vocab"][str(t)] for t in row[:list(row).index(0) if 0 in row else len(row)]] for row in seq]
     return [" ".join(w) for w in words]
 
 
-@pytest.mark.parametrize("quantization", ["fp32", "int8"])
-def test_exported_files_caption_as_the_artifact_does(quantization, tmp_path, capsys):
-    cap = image_captioner("aoanet")
+@pytest.mark.parametrize("family,quantization", [("updown", "fp32"), ("aoanet", "int8"), ("transformer", "int8")])
+def test_exported_files_caption_as_the_artifact_does(family, quantization, tmp_path, capsys):
+    cap = image_captioner(family)
     model = tmp_path / "m.capz"
     pack_model(model, cap.encoder, cap.decoder, cap.itow, cap.max_length, quantization=quantization,
                runtime="onnxruntime", calibration=cap.images(IMAGES) if quantization == "int8" else None)

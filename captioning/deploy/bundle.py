@@ -1,27 +1,27 @@
-"""An artifact as plain ONNX files, for a runtime without Python or this package (ONNX Runtime Mobile,
-its C, Java or JavaScript bindings): three graphs and one JSON file.
+"""An artifact as plain ONNX, for a runtime without Python or this package (ONNX Runtime Mobile, its
+C, Java or JavaScript bindings): one model file and one JSON file.
 
-    encoder.onnx    images [B, 3, S, S] float32                        -> fc, att
-    init.onnx       fc, att                                             -> ctx_i.., state_i..
-    search.onnx     image_state_i.., image_ctx_i.. (init's outputs), beam_size [] int64 -> seq [B, T] int64
-    captioner.json  the vocabulary (word ids -> words; 0 ends a caption), max_length, and how an image
-                    becomes the encoder's input
+    captioner.onnx  images [B, 3, S, S] float32, beam_size [] int64 -> seq [B, max_length] int64
+    captioner.json  the vocabulary (word ids -> words; 0 ends a caption), max_length, and how an
+                    image file becomes ``images``
 
-The graphs are those ``OrtCaptioner`` runs for the artifact (int8 ones for an int8 artifact packed
-for ONNX Runtime), so the files caption as ``captioning caption --runtime onnxruntime`` does.
-A caller feeds ``init``'s output ``x`` to ``search`` as ``image_x`` and turns each row of ``seq``
-into words up to the first 0.
+The model is the encoder, the decoder set-up and the search graph (``search_graph``) joined into
+one: the graphs ``OrtCaptioner`` runs for the artifact (int8 for an int8 artifact packed for ONNX
+Runtime), so it captions as ``captioning caption --runtime onnxruntime`` does, in one call.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+
 from ..io import write_bytes, write_json
 from .beam_step import beam_step_graph
 from .ort_search import OrtCaptioner, artifact_graphs
-from .search_graph import search_graph
+from .search_graph import BEAM_SIZE, SEQ, search_graph
 
-FILES = ("encoder.onnx", "init.onnx", "search.onnx", "captioner.json")
+FILES = ("captioner.onnx", "captioner.json")
+IMAGES = "images"
 
 IMAGE_STEPS = [
     "decode the file; a JPEG at the smallest of 1/2, 1/4 or 1/8 scale that still covers size x size "
@@ -32,22 +32,44 @@ IMAGE_STEPS = [
 ]
 
 
+def joined_graph(encoder: bytes, init: bytes, search: bytes) -> bytes:
+    """encoder -> init -> search as one model with inputs ``images`` and ``beam_size`` and output ``seq``:
+    each graph's names get its own prefix (no clashes), init reads what the encoder gives it, and the
+    search reads each init output ``x`` as ``image_x``."""
+    from onnx import compose
+
+    e, i, s = (compose.add_prefix(onnx.load_from_string(g), p)
+               for g, p in ((encoder, "encoder/"), (init, "init/"), (search, "search/")))
+    wanted = {x.name for x in i.graph.input}
+    model = compose.merge_models(e, i, io_map=[(f"encoder/{n}", f"init/{n}") for n in ("fc", "att") if f"init/{n}" in wanted])
+    model = compose.merge_models(model, s, outputs=[f"search/{SEQ}"],
+                                 io_map=[(o.name, "search/image_" + o.name[len("init/"):]) for o in i.graph.output])
+    plain = {f"encoder/{IMAGES}": IMAGES, f"search/{BEAM_SIZE}": BEAM_SIZE, f"search/{SEQ}": SEQ}
+    g = model.graph  # only the outer graph uses these three names: the search's loop body does not
+    for value in (*g.input, *g.output):
+        value.name = plain.get(value.name, value.name)
+    for node in g.node:
+        node.input[:] = [plain.get(n, n) for n in node.input]
+        node.output[:] = [plain.get(n, n) for n in node.output]
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def export_bundle(ort: OrtCaptioner, out_dir: str | Path) -> list[Path]:
-    """Write ``ort``'s graphs and ``captioner.json`` (see the module docstring) into ``out_dir``; the paths written."""
+    """Write ``ort``'s joined graph and ``captioner.json`` (see the module docstring) into ``out_dir``; the paths written."""
     ranges = ort.config.get("runtime", {}).get("encoder_ranges")
     graphs = artifact_graphs(ort.torch, ort.quantization, ranges)
-    search = search_graph(beam_step_graph(graphs["step"]), ort.max_length)
+    model = joined_graph(graphs["encoder"], graphs["init"], search_graph(beam_step_graph(graphs["step"]), ort.max_length))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = ort.torch.encoder
     paths = [out_dir / name for name in FILES]
-    for path, graph in zip(paths, (graphs["encoder"], graphs["init"], search)):
-        write_bytes(path, graph)
-    write_json(paths[3], {
-        "format": "captioning-onnx-bundle/1", "source": str(ort.source), "quantization": ort.quantization,
+    write_bytes(paths[0], model)
+    encoder = ort.torch.encoder
+    write_json(paths[1], {
+        "format": "captioning-onnx/1", "source": str(ort.source), "quantization": ort.quantization,
+        "model": FILES[0], "inputs": {IMAGES: "float32 [B, 3, size, size]", BEAM_SIZE: "int64 scalar, e.g. 3"},
+        "outputs": {SEQ: "int64 [B, max_length]: word ids, 0 after the caption's last word"},
         "max_length": ort.max_length, "vocab": {str(i): w for i, w in sorted(ort.itow.items())},
         "image": {"size": encoder.img_size, "mean": list(encoder.mean), "std": list(encoder.std), "steps": IMAGE_STEPS},
-        "graphs": {"encoder": "encoder.onnx", "init": "init.onnx", "search": "search.onnx"},
-        "search_inputs": "each init output x as image_x, and beam_size (int64 scalar, e.g. 3)",
     })
     return paths

@@ -24,22 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from latency import BEAM, IMAGES, ROOT, calibration_images, cpu, random_captioner
+from latency import BEAM, IMAGES, ROOT, cpu, ort_captioners, random_captioner
 
 from captioning.captioner import load_captioner
-from captioning.deploy.onnx_export import export_captioner
-from captioning.deploy.ort_quantize import encoder_ranges, quantize_graphs
 from captioning.deploy.ort_search import OrtCaptioner, beam_search, numpy_select
 
 
 def int8_captioner(dec: str, config: dict, run: Path | None) -> OrtCaptioner:
     lite0 = (load_captioner(run / "artifacts" / f"lite0-{dec}-xe-fp32.capz", device="cpu", threads=1) if run else
              random_captioner("tf_efficientnet_lite0", config["encoders"]["lite0"]["img_size"], dec, config))
-    graphs = export_captioner(lite0)
-    ort = OrtCaptioner(quantize_graphs(graphs, encoder_ranges(graphs["encoder"], calibration_images(lite0.encoder).numpy())),
-                       lite0.itow, lite0.max_length)
-    ort.torch = lite0
-    return ort
+    return ort_captioners(lite0)[1]
 
 
 def main() -> None:

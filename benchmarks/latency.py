@@ -100,17 +100,21 @@ def random_captioner(timm_name: str, img_size: int, dec: str, config: dict) -> C
     return Captioner(encoder, decoder, {i: f"w{i}" for i in range(1, WORDS + 1)}, MAX_LEN)
 
 
+def ort_captioners(lite0: Captioner) -> tuple[OrtCaptioner, OrtCaptioner]:
+    """``lite0`` on ONNX Runtime in fp32 and in int8, its encoder calibrated on ``calibration_images``."""
+    graphs = export_captioner(lite0)
+    ranges = encoder_ranges(graphs["encoder"], calibration_images(lite0.encoder).numpy())
+    ort_fp32, ort_int8 = (OrtCaptioner(g, lite0.itow, lite0.max_length) for g in (graphs, quantize_graphs(graphs, ranges)))
+    ort_fp32.torch = ort_int8.torch = lite0  # image files are read by the torch encoder's settings
+    return ort_fp32, ort_int8
+
+
 def random_models(dec: str, config: dict) -> dict:
     """The five captioners of a decoder, random-init (see the module docstring)."""
     size = {name: config["encoders"][name]["img_size"] for name in ("r50", "lite0")}
     lite0 = random_captioner("tf_efficientnet_lite0", size["lite0"], dec, config)
-    graphs = export_captioner(lite0)
-    ranges = encoder_ranges(graphs["encoder"], calibration_images(lite0.encoder).numpy())
-    ort_fp32, ort_int8 = OrtCaptioner(graphs, lite0.itow, MAX_LEN), OrtCaptioner(
-        quantize_graphs(graphs, ranges), lite0.itow, MAX_LEN)
-    ort_fp32.torch = ort_int8.torch = lite0  # image files are read by the torch encoder's settings
     return dict(zip(ROWS, (random_captioner("resnet50", size["r50"], decoder_family(config, dec), config), lite0,
-                           quantize_captioner(lite0, "int8"), ort_fp32, ort_int8)))
+                           quantize_captioner(lite0, "int8"), *ort_captioners(lite0))))
 
 
 def run_models(dec: str, family: str, run_dir: Path) -> dict:

@@ -71,7 +71,7 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
     # --- the loop body: the beam step, then beam_search's bookkeeping on the carried tensors
     body_nodes, body_inits = list(g.node), list(g.initializer)
     b = _Builder("body", body_nodes, body_inits)
-    t, live_seq, done_seq, done_score = "search/t", "search/live_seq", "search/done_seq", "search/done_score"
+    t, live_seq, done_seq, done_score = (_P + n for n in ("t", "live_seq", "done_seq", "done_score"))
     neg_inf = b.const("neg_inf", -np.inf, np.float32)
     score, beam_ix, word = OUTPUTS
     seq_shape = b("Shape", [live_seq])
@@ -92,9 +92,9 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
     tokens = b("Reshape", [word, b.const("flat", [-1])])
 
     carried_out = [tokens, new_score, *(f"beam_new_state_{i}" for i in range(n_state)), live, new_done_seq, new_done_score]
-    body_out_names = ["search/go_on", "search/tokens_out", "search/scores_out",
-                      *(f"search/state_out_{i}" for i in range(n_state)),
-                      "search/live_seq_out", "search/done_seq_out", "search/done_score_out"]
+    body_out_names = [_P + "go_on", _P + "tokens_out", _P + "scores_out",
+                      *(_P + f"state_out_{i}" for i in range(n_state)),
+                      _P + "live_seq_out", _P + "done_seq_out", _P + "done_score_out"]
     for src, dst in zip([go_on, *carried_out], body_out_names):
         body_nodes.append(helper.make_node("Identity", [src], [dst], name=dst))
 
@@ -104,7 +104,7 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
                (live_seq, i64, ["batch", "beam", T]), (done_seq, i64, ["batch", "beam", T]), (done_score, f32, ["batch", "beam"])]
     body = helper.make_graph(
         body_nodes, "search_step",
-        [helper.make_tensor_value_info(t, i64, []), helper.make_tensor_value_info("search/cond", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info(t, i64, []), helper.make_tensor_value_info(_P + "cond", TensorProto.BOOL, []),
          *(helper.make_tensor_value_info(n, ty, shape) for n, ty, shape in carried)],
         [helper.make_tensor_value_info(body_out_names[0], TensorProto.BOOL, []),
          *(helper.make_tensor_value_info(n, ty, shape) for n, (_, ty, shape) in zip(body_out_names[1:], carried))],
@@ -116,7 +116,6 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
     first = "image_state_0" if n_state else f"image_{ctx_names[0]}"
     B = o("Shape", [first], start=0, end=1)
     K = o("Reshape", [BEAM_SIZE, o.const("one_dim", [1])])
-
     BK = o("Mul", [B, K])
 
     def repeat(x: str, out: str) -> None:
@@ -129,17 +128,17 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
     for name in ctx_names:
         repeat("image_" + name, name)  # the body reads ctx_i from here (outer scope)
     for i in range(n_state):
-        repeat(f"image_state_{i}", f"search/state_in_{i}")
+        repeat(f"image_state_{i}", _P + f"state_in_{i}")
     start_scores = o("Where", [o("Equal", [o("Range", [o.const("zero", 0), BEAM_SIZE, o.const("step", 1)]), o.const("zero_b", 0)]),
                                o.const("zero_f", 0.0, np.float32), o.const("neg_inf", -np.inf, np.float32)])
     seq_dims = o("Concat", [B, K, o.const("T", [T])], axis=0)
     zeros_seq = o("ConstantOfShape", [seq_dims], value=numpy_helper.from_array(np.zeros(1, np.int64)))
     initial = [o("ConstantOfShape", [BK], value=numpy_helper.from_array(np.zeros(1, np.int64))),
                o("Expand", [start_scores, o("Concat", [B, K], axis=0)]),
-               *(f"search/state_in_{i}" for i in range(n_state)),
+               *(_P + f"state_in_{i}" for i in range(n_state)),
                zeros_seq, zeros_seq,
                o("ConstantOfShape", [o("Concat", [B, K], axis=0)], value=numpy_helper.from_array(np.full(1, -np.inf, np.float32)))]
-    finals = [f"search/final_{n}" for n in ("tokens", "scores", *(f"state_{i}" for i in range(n_state)), "live", "done", "done_score")]
+    finals = [_P + f"final_{n}" for n in ("tokens", "scores", *(f"state_{i}" for i in range(n_state)), "live", "done", "done_score")]
     nodes.append(helper.make_node("Loop", [o.const("max_length", T), o.const("true", True, np.bool_), *initial], finals,
                                   name=_P + "loop", body=body))
     nodes.append(helper.make_node("Gather", [finals[-2], o.const("best", 0)], [SEQ], name=_P + "best", axis=1))

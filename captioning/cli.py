@@ -22,6 +22,16 @@ import sys
 from .errors import UserError
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
 def _json_arg(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -188,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     timing_threads = _shared("--threads", dest="timing_threads", type=int, default=1, metavar="N",
                              help="CPU threads of the latency timing only; the captioning that is scored "
                                   "runs with torch's default thread count")
-    beam = _shared("--beam-size", "--beam", dest="beam_size", type=int, default=3, help="beam width (1: greedy)")
+    beam = _shared("--beam-size", "--beam", dest="beam_size", type=_positive_int, default=3, help="beam width (1: greedy)")
     split = _shared("--split", default="test")
     model = _shared("--model", required=True, help="a .capz artifact")
     meta = _shared("--meta", type=_json_arg, default={}, help="what this variant is, as JSON")

@@ -200,6 +200,9 @@ def test_beam_size_and_beam_are_one_option(argv):
     assert parse(argv).beam_size == 3
     assert parse([*argv, "--beam-size", "5"]).beam_size == 5
     assert parse([*argv, "--beam", "2"]).beam_size == 2
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):  # argparse's usage line and one error line, no traceback
+            parse([*argv, "--beam", bad])
 
 
 # ---- threads: one setting, applied once in main() ----------------------------------------------------

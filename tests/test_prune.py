@@ -282,11 +282,12 @@ def test_finetune_distils_from_another_teacher_with_kd_teacher_scst(base, tmp_pa
     control = finetune_pruned(ckpt, feats, prep, tmp_path / "c.safetensors", "global", 0.0, epochs=1, lr=1e-2,
                               kd_weight=0.5, kd_mode="sequence", kd_teacher="scst", teacher=teacher, **FT)
     assert control["settings"]["kd"]["teacher_sha256"] == kd["teacher_sha256"]
-    for bad, match in ((dict(kd_teacher="scst"), "needs the SCST decoder"), (dict(teacher=teacher), "only it does"),
+    for bad, match in ((dict(kd_teacher="scst"), "needs the SCST decoder"), (dict(teacher=teacher), "only"),
+                       (dict(kd_teacher="scst", teacher=teacher, kd_weight=0.0), "only"),
                        (dict(kd_teacher="dense"), "kd_teacher must be")):
         with pytest.raises(UserError, match=match):
-            finetune_pruned(ckpt, feats, prep, tmp_path / "x.safetensors", "global", 0.8, epochs=1, kd_weight=0.5,
-                            **bad, **FT)
+            finetune_pruned(ckpt, feats, prep, tmp_path / "x.safetensors", "global", 0.8, epochs=1,
+                            **{"kd_weight": 0.5, **bad}, **FT)
 
 
 def test_gradual_with_a_shorter_schedule_recovers_at_the_target(base, tmp_path):

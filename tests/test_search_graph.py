@@ -14,15 +14,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS1, MAX_LEN = 10, 8  # classes (0 = end) and caption length
 
 
-def _markov_step(seed: int) -> bytes:
+def _markov_step(seed: int, nan: bool = False) -> bytes:
     """A stand-in step graph whose next word depends on the last word and the image (ctx_0), and whose
     end token grows likelier with the number of words so far, so captions end at every length. That
     number is the length of a growing state, as the Transformer reads its position off its key/value
-    cache: state_0 [B, t, 1] starts empty and gains a row per step. state_1 [B, 2] counts too."""
+    cache: state_0 [B, t, 1] starts empty and gains a row per step. state_1 [B, 2] counts too. With
+    ``nan``, words 3 and 6 are followed by NaN log-probabilities (all of them, through the softmax),
+    as a broken model would give."""
     f, i = TensorProto.FLOAT, TensorProto.INT64
     table = np.random.default_rng(seed).standard_normal((WORDS1, WORDS1)).astype(np.float32) * 2
+    if nan:
+        table[[3, 6], 5] = np.nan
     consts = {"table": table, "end": np.eye(WORDS1, dtype=np.float32)[0], "four": np.float32(4),
-              "axis1": np.array([1], np.int64), "axis12": np.array([1, 2], np.int64), "one": np.float32(1)}
+              "axis12": np.array([1, 2], np.int64), "one": np.float32(1)}
     nodes = [helper.make_node("Gather", ["table", "tokens"], ["rows"], axis=0),
              helper.make_node("Shape", ["state_0"], ["t"], start=1, end=2),
              helper.make_node("Cast", ["t"], ["t_f"], to=f),
@@ -48,11 +52,13 @@ def _markov_step(seed: int) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
+@pytest.mark.parametrize("nan", [False, True], ids=["finite", "nan"])
 @pytest.mark.parametrize("seed", range(3))
-def test_search_graph_gives_the_numpy_search_captions(seed):
-    """Every image's caption, at beams 1 to 5: finished beams merged at several lengths, captions cut
-    at max_length, the early stop, a state that grows from empty, and batches of one and of many."""
-    step = _markov_step(seed)
+def test_search_graph_gives_the_numpy_search_captions(seed, nan):
+    """Every image's caption, at beams 1 to 12 (wider than the vocabulary): finished beams merged at
+    several lengths, captions cut at max_length, the early stop, a state that grows from empty,
+    batches of one and of many, and NaN scores (ranked as +inf by both)."""
+    step = _markov_step(seed, nan)
     plain = ort.InferenceSession(step, providers=["CPUExecutionProvider"])
     search = ort.InferenceSession(search_graph(beam_step_graph(step), MAX_LEN), providers=["CPUExecutionProvider"])
 
@@ -64,16 +70,22 @@ def test_search_graph_gives_the_numpy_search_captions(seed):
     B = 12
     ctx = (rng.standard_normal((B, WORDS1)).astype(np.float32),)
     state = (np.zeros((B, 0, 1), np.float32), rng.standard_normal((B, 2)).astype(np.float32))
-    lengths = set()
-    for K in (1, 2, 3, 5):
-        want = beam_search(numpy_select(numpy_step), ctx, state, K, MAX_LEN)
+    lengths, pairs = set(), set()
+    for K in (1, 2, 3, 5, 12):
+        with np.errstate(invalid="ignore"):  # NaN compared
+            want = beam_search(numpy_select(numpy_step), ctx, state, K, MAX_LEN)
         for rows in (slice(None), slice(4, 5)):
             got, = search.run(None, {"image_ctx_0": ctx[0][rows], "image_state_0": state[0][rows],
                                      "image_state_1": state[1][rows], "beam_size": np.array(K, np.int64)})
             assert got.dtype == np.int64 and got.shape == want[rows].shape
             assert np.array_equal(got, want[rows]), (K, rows)
         lengths |= set((want != 0).sum(1).tolist())
-    assert len(lengths) >= 3 and MAX_LEN in lengths
+        pairs |= {(a, b) for row in want.tolist() for a, b in zip(row, row[1:])}
+    if nan:  # after word 3 or 6 every next word scores NaN, ranked +inf, so the first (the end token) wins
+        after = {b for a, b in pairs if a in (3, 6)}
+        assert after == {0}
+    else:
+        assert len(lengths) >= 3 and MAX_LEN in lengths
 
 
 def test_search_graph_refuses_what_is_not_a_beam_step():

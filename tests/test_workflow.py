@@ -200,8 +200,11 @@ def test_pruned_fine_tuning_and_its_control_learn_from_the_scst_decoder_with_kd_
         assert f"--teacher work/tiny/decoders/lite0/{dec}/scst.safetensors " in s, s
     # the Transformer is not in scst.decoders: its SCST decoder is built for the teacher alone
     assert any(" scst " in s and "--out work/tiny/decoders/lite0/transformer/scst.safetensors" in s for s in shells)
-    # the default teaches from the decoder itself: no --teacher
+    # the default teaches from the decoder itself, and kd_teacher without kd_weight teaches nothing: no --teacher
     write_config(tmp_path, TINY_DAG)
+    assert " --teacher " not in smk(tmp_path, "-n", "-p", "results/table.csv").stdout
+    prune["finetune"] = {"epochs": 2, "batch_size": 10, "kd_teacher": "scst"}
+    write_config(tmp_path, {**TINY_DAG, "compress": {**TINY_DAG["compress"], "prune": prune}})
     assert " --teacher " not in smk(tmp_path, "-n", "-p", "results/table.csv").stdout
 
 

@@ -40,10 +40,10 @@ def joined_graph(encoder: bytes, init: bytes, search: bytes) -> bytes:
 
     e, i, s = (compose.add_prefix(onnx.load_from_string(g), p)
                for g, p in ((encoder, "encoder/"), (init, "init/"), (search, "search/")))
-    wanted = {x.name for x in i.graph.input}
+    wanted = {x.name for x in (*i.graph.input, *s.graph.input)}  # a graph drops the inputs it does not use
     model = compose.merge_models(e, i, io_map=[(f"encoder/{n}", f"init/{n}") for n in ("fc", "att") if f"init/{n}" in wanted])
-    model = compose.merge_models(model, s, outputs=[f"search/{SEQ}"],
-                                 io_map=[(o.name, "search/image_" + o.name[len("init/"):]) for o in i.graph.output])
+    io_map = [(o.name, "search/image_" + o.name[len("init/"):]) for o in i.graph.output]
+    model = compose.merge_models(model, s, outputs=[f"search/{SEQ}"], io_map=[(a, b) for a, b in io_map if b in wanted])
     plain = {f"encoder/{IMAGES}": IMAGES, f"search/{BEAM_SIZE}": BEAM_SIZE, f"search/{SEQ}": SEQ}
     g = model.graph  # only the outer graph uses these three names: the search's loop body does not
     for value in (*g.input, *g.output):

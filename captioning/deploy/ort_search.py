@@ -111,7 +111,8 @@ def beam_search(select: Select, ctx: Arrays, state: Arrays, beam_size: int, max_
         ended = word == 0 if t < max_length - 1 else np.ones_like(word, dtype=bool)
         if ended.any():  # most steps end no beam: nothing to merge
             merged = np.concatenate([done_score, np.where(ended, score, neg_inf)], 1)
-            order = np.argsort(-merged, axis=1, kind="stable")[:, :K]  # descending, ties keep their order
+            # descending, ties keep their order; NaN ranks as +inf (torch.sort's order: see topk)
+            order = np.argsort(-np.where(np.isnan(merged), np.inf, merged), axis=1, kind="stable")[:, :K]
             done_score = merged[rows, order]
             done_seq = np.concatenate([done_seq, live_seq], 1)[rows, order]
             score = np.where(ended, neg_inf, score)
@@ -149,8 +150,8 @@ class OrtCaptioner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = threads
-        beam = beam_step_graph(graphs["step"])
-        self.sessions = _Sessions({**graphs, "beam": beam, "search": search_graph(beam, max_length)}, options)
+        search = search_graph(beam_step_graph(graphs["step"]), max_length)
+        self.sessions = _Sessions({**graphs, "search": search}, options)
         self.itow, self.max_length = itow, max_length
         self.n_ctx = sum(o.name.startswith("ctx_") for o in self.sessions["init"].get_outputs())
         self.torch, self.quantization, self.config, self.source = None, "fp32", {}, "onnxruntime"
@@ -238,7 +239,8 @@ class OrtCaptioner:
 class _Sessions(dict):
     """ONNX Runtime sessions by graph name, each made on first use: captioning needs the encoder, init
     and search graphs; the plain step and the beam step (greedy, ``select``, parity tests) load only
-    when asked for, so their weights are not loaded twice for every caption model."""
+    when asked for, so their weights are not loaded twice for every caption model. Until then only
+    the step graph's bytes are kept; the beam step is rebuilt from them."""
 
     def __init__(self, graphs: dict, options):
         super().__init__()
@@ -249,7 +251,14 @@ class _Sessions(dict):
     def __missing__(self, name: str):
         import onnxruntime as ort
 
-        graph = self.graphs.pop(name)  # the session holds its own copy
+        from .beam_step import beam_step_graph
+
+        if name == "beam":
+            graph = beam_step_graph(self.graphs["step"])
+        elif name == "step":
+            graph = self.graphs["step"]  # kept: the beam step is built from it
+        else:
+            graph = self.graphs.pop(name)  # the session holds its own copy
         session = self[name] = ort.InferenceSession(graph, self.options, providers=["CPUExecutionProvider"])
         # a graph drops inputs it does not use (the Transformer's init ignores fc); asked once, not per step
         self.inputs[name] = [i.name for i in session.get_inputs()]

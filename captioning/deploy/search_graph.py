@@ -15,8 +15,8 @@ node for node: the K live beams continue as the beam step chose; a beam that emi
 (or reaches ``max_length``) is merged into the K finished ones by a stable descending sort (TopK
 puts the lower index first among equal values, as ``np.argsort(-x, kind="stable")``), and the loop
 stops once no live beam can beat a finished one. Merging when no beam ended changes nothing
-(finished scores come first among ties), so it runs every step. For finite scores the captions are
-the numpy search's; where a model emits NaN, the order among NaN and -inf finished scores may differ.
+(finished scores come first among ties), so it runs every step. NaN ranks as +inf there, as in
+the numpy search and torch's sort, so a model that emits NaN gets the same captions too.
 """
 from __future__ import annotations
 
@@ -81,13 +81,19 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
     ended = b("Or", [b("Equal", [word, b.const("end", 0)]), b("Equal", [t, b.const("last", T - 1)])])
     merged = b("Concat", [done_score, b("Where", [ended, score, neg_inf])], axis=1)  # [B, 2K]
     k = b("Shape", [SCORES], start=1, end=2)
-    _, order = b("TopK", [merged, k], n_out=2, axis=1, largest=1, sorted=1)
+    ranked = b("Where", [b("IsNaN", [merged]), b.const("inf", np.inf, np.float32), merged])  # NaN as +inf
+    _, order = b("TopK", [ranked, k], n_out=2, axis=1, largest=1, sorted=1)
     new_done_score = b("GatherElements", [merged, order], axis=1)
     both = b("Concat", [done_seq, live], axis=1)                                     # [B, 2K, T]
     new_done_seq = b("GatherElements", [both, b("Expand", [b("Unsqueeze", [order, b.const("axis2c", [2])]), seq_shape])], axis=1)
     new_score = b("Where", [ended, neg_inf, score])
-    hopeless = b("LessOrEqual", [b("ReduceMax", [new_score], axes=[1], keepdims=0),
-                                 b("ReduceMin", [new_done_score], axes=[1], keepdims=0)])  # worst finished: last
+    # numpy's live.max(1) <= done[:, -1]: a row with a NaN live score is never hopeless (NaN <= x is false,
+    # while ReduceMax may skip NaN)
+    worst = b("Squeeze", [b("Slice", [new_done_score, b.const("last_col", [-1]), b.const("end_col", [2**62]),
+                                      b.const("axis1", [1])]), b.const("axis1b", [1])])
+    nan_row = b("Cast", [b("ReduceMax", [b("Cast", [b("IsNaN", [new_score])], to=TensorProto.INT32)], axes=[1], keepdims=0)],
+                to=TensorProto.BOOL)
+    hopeless = b("And", [b("LessOrEqual", [b("ReduceMax", [new_score], axes=[1], keepdims=0), worst]), b("Not", [nan_row])])
     go_on = b("Equal", [b("ReduceMin", [b("Cast", [hopeless], to=TensorProto.INT32)], keepdims=0), b.const("zero32", 0, np.int32)])
     tokens = b("Reshape", [word, b.const("flat", [-1])])
 

@@ -35,8 +35,10 @@ def finetune_pruned(decoder_ckpt, features_h5, prepared_dir, out_path, method: s
     train_kwargs.setdefault("stage", "prune" if ratio else "control")
     if kd_teacher not in ("self", "scst"):
         raise UserError(f"kd_teacher must be self or scst, not {kd_teacher!r}")
-    if (kd_teacher == "scst") != (teacher is not None):
-        raise UserError("kd_teacher scst needs the SCST decoder as --teacher, and only it does")
+    if teacher is not None and not (kd_teacher == "scst" and kd_weight):
+        raise UserError("--teacher is for kd_teacher scst with kd_weight > 0 only")
+    if kd_weight and kd_teacher == "scst" and teacher is None:
+        raise UserError("kd_teacher scst needs the SCST decoder as --teacher")
     if kd_weight:
         train_kwargs.update(teacher=teacher or decoder_ckpt, teacher_features=features_h5, kd_weight=kd_weight,
                             kd_temperature=kd_temperature, kd_mode=kd_mode)

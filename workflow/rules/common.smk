@@ -98,8 +98,10 @@ def calibration_images(wc):
 
 
 def prune_teacher(wc):
-    """The SCST decoder that teaches pruned fine-tuning and its control (finetune kd_teacher scst), else none."""
-    if config["compress"]["prune"]["finetune"].get("kd_teacher", "self") != "scst":
+    """The SCST decoder that teaches pruned fine-tuning and its control (finetune kd_teacher scst with
+    kd_weight > 0), else none."""
+    finetune = config["compress"]["prune"]["finetune"]
+    if finetune.get("kd_teacher", "self") != "scst" or not finetune.get("kd_weight", 0):
         return []
     return f"{WORK}/decoders/{wc.enc}/{wc.dec}/scst.safetensors"
 

@@ -26,6 +26,25 @@ SCORES, OUTPUTS = "scores", ("score", "beam", "word")
 _P = "beam_select/"  # prefix of every name added here: no clash with the exporter's names
 
 
+class GraphBuilder:
+    """Nodes and constants appended to a graph's node and initializer lists, every name under ``prefix``
+    and unique: ``b(op, inputs)`` adds a node and returns its output name(s), ``b.const(name, value)``
+    an initializer and its name."""
+
+    def __init__(self, prefix: str, nodes, initializers):
+        self.prefix, self.nodes, self.initializers = prefix, nodes, initializers
+
+    def const(self, name: str, value, dtype=np.int64) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), self.prefix + name))
+        return self.prefix + name
+
+    def __call__(self, op: str, inputs: list[str], n_out: int = 1, **attrs):
+        stem = f"{self.prefix}{op}_{len(self.nodes)}"
+        out = [f"{stem}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, out, name=stem, **attrs))
+        return out if n_out > 1 else out[0]
+
+
 def beam_step_graph(step: bytes | str) -> bytes:
     """``step`` (an exported, possibly quantized, step graph: model bytes or a path) with the selection
     appended (see the module docstring)."""
@@ -35,14 +54,8 @@ def beam_step_graph(step: bytes | str) -> bytes:
     if not outputs or outputs[0] != "logprobs" or not all(o.startswith("new_state_") for o in outputs[1:]):
         raise ValueError(f"not a step graph (outputs {outputs})")
 
-    def const(name, value, dtype=np.int64):
-        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), _P + name))
-        return _P + name
-
-    def node(op, inputs, n_out=1, **attrs):
-        out = [f"{_P}{op}_{len(g.node)}_{i}" for i in range(n_out)]
-        g.node.append(helper.make_node(op, inputs, out, name=f"{_P}{op}_{len(g.node)}", **attrs))
-        return out if n_out > 1 else out[0]
+    node = GraphBuilder(_P, g.node, g.initializer)
+    const = node.const
 
     logprobs = node("Cast", ["logprobs"], to=TensorProto.FLOAT)  # a no-op for float32 graphs
     b = node("Shape", [SCORES], start=0, end=1)                    # [B]

@@ -24,28 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .beam_step import OUTPUTS, SCORES
+from .beam_step import OUTPUTS, SCORES, GraphBuilder
 
 BEAM_SIZE, SEQ = "beam_size", "seq"
 _P = "search/"  # prefix of every name added here
-
-
-class _Builder:
-    """Nodes and constants appended to one graph, each output named uniquely under ``_P``."""
-
-    def __init__(self, scope: str, nodes: list, initializers: list):
-        self.scope, self.nodes, self.initializers = scope, nodes, initializers
-
-    def const(self, name, value, dtype=np.int64) -> str:
-        full = f"{_P}{self.scope}/{name}"
-        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), full))
-        return full
-
-    def __call__(self, op, inputs, n_out=1, **attrs):
-        stem = f"{_P}{self.scope}/{op}_{len(self.nodes)}"
-        out = [f"{stem}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, out, name=stem, **attrs))
-        return out if n_out > 1 else out[0]
 
 
 def _type_and_shape(info: onnx.ValueInfoProto) -> tuple[int, list]:
@@ -70,7 +52,7 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
 
     # --- the loop body: the beam step, then beam_search's bookkeeping on the carried tensors
     body_nodes, body_inits = list(g.node), list(g.initializer)
-    b = _Builder("body", body_nodes, body_inits)
+    b = GraphBuilder(_P + "body/", body_nodes, body_inits)
     t, live_seq, done_seq, done_score = (_P + n for n in ("t", "live_seq", "done_seq", "done_score"))
     neg_inf = b.const("neg_inf", -np.inf, np.float32)
     score, beam_ix, word = OUTPUTS
@@ -118,7 +100,7 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
 
     # --- the outer graph: K copies of every image's rows, the first step's scores, the loop, the best caption
     nodes, inits = [], []
-    o = _Builder("outer", nodes, inits)
+    o = GraphBuilder(_P + "outer/", nodes, inits)
     first = "image_state_0" if n_state else f"image_{ctx_names[0]}"
     B = o("Shape", [first], start=0, end=1)
     K = o("Reshape", [BEAM_SIZE, o.const("one_dim", [1])])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from small_decoders import image_captioner
 
+from captioning.data.prepare import decode
 from captioning.deploy.onnx_export import names
 from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, numpy_select, topk
 from captioning.models import search as torch_search
@@ -66,14 +67,17 @@ def test_onnx_runtime_takes_numpy_images_and_several_threads(images):
     assert OrtCaptioner.from_captioner(cap, threads=2).caption_images(images.numpy()) == cap.caption_images(images)
 
 
-def test_captioning_loads_no_step_session_and_a_step_loads_its_own(images):
+def test_captioning_is_one_session_and_its_parts_caption_alike(images):
     ort_cap = OrtCaptioner.from_captioner(_captioner("updown", 0.0))
-    assert set(ort_cap.sessions) == {"encoder", "init", "search"}
-    ort_cap.caption_images(images, 3)
-    assert set(ort_cap.sessions) == {"encoder", "init", "search"}  # the search graph holds the step
+    assert set(ort_cap.sessions) == {"captioner"}
+    captions = ort_cap.caption_images(images, 3)
+    assert set(ort_cap.sessions) == {"captioner"}  # the joined graph: encoder, set-up and search
     ctx, state = ort_cap.start(*ort_cap.encode(images.numpy()))
+    seq = ort_cap.search(ctx, state, 3)
+    assert [decode(ort_cap.itow, s) for s in seq.tolist()] == captions
     logprobs, _ = ort_cap.step(np.zeros(len(images), dtype=np.int64), state, ctx)
-    assert logprobs.shape == (len(images), WORDS + 1) and set(ort_cap.sessions) == {"encoder", "init", "search", "step"}
+    assert logprobs.shape == (len(images), WORDS + 1)
+    assert set(ort_cap.sessions) == {"captioner", "encoder", "init", "search", "step"}
 
 
 class _Markov:

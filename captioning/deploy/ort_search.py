@@ -6,7 +6,8 @@ hypotheses. One difference cannot be copied: which of two exactly equal scores `
 first is unspecified (on CPU it depends on the tensor's size), so here the lower index wins. With
 real weights, different words almost never get exactly equal float32 scores, so the captions match
 the torch path's. ``OrtCaptioner`` captions with ``search_graph``, the same beam search as ONNX
-nodes (one runtime call per search); the numpy one is its reference in tests and benchmarks.
+nodes, joined to the encoder and the decoder set-up (``captioner_graph``: one runtime call per
+batch of images); the numpy one is its reference in tests and benchmarks.
 """
 from __future__ import annotations
 
@@ -131,9 +132,10 @@ class OrtCaptioner:
     """A captioner on ONNX Runtime: images in, caption strings out, no torch in the decoding loop.
 
     ``graphs`` holds the three ONNX models of ``captioning.deploy.onnx_export`` ("encoder",
-    "init", "step") as bytes or file paths; beam search runs as one graph, a Loop over the step with
-    its selection appended (``captioning.deploy.search_graph``, ``beam_step``), so a batch of images
-    is three runtime calls. One thread by default, as the project measures latency.
+    "init", "step") as bytes; beam search runs as one graph, a Loop over the step with its selection
+    appended (``captioning.deploy.search_graph``, ``beam_step``), joined to the encoder and the set-up
+    (``captioner_graph``), so a batch of images is one runtime call. One thread by default, as the
+    project measures latency.
     Built from a torch ``Captioner`` (``from_captioner``, ``from_artifact``), it also answers what
     evaluation asks of a captioner (``images``, ``caption_files``, ``state_groups``, ``config``):
     image files are read and resized by the torch captioner's encoder settings, and the weights
@@ -145,15 +147,10 @@ class OrtCaptioner:
     def __init__(self, graphs: dict, itow: dict[int, str], max_length: int, threads: int = 1):
         import onnxruntime as ort
 
-        from .beam_step import beam_step_graph
-        from .search_graph import search_graph
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = threads
-        search = search_graph(beam_step_graph(graphs["step"]), max_length)
-        self.sessions = _Sessions({**graphs, "search": search}, options)
+        self.sessions = _Sessions(graphs, options, max_length)
         self.itow, self.max_length = itow, max_length
-        self.n_ctx = sum(o.name.startswith("ctx_") for o in self.sessions["init"].get_outputs())
         self.torch, self.quantization, self.config, self.source = None, "fp32", {}, "onnxruntime"
         self.device = "cpu"
 
@@ -204,7 +201,8 @@ class OrtCaptioner:
     def start(self, fc: np.ndarray, att: np.ndarray) -> tuple[Arrays, Arrays]:
         """(ctx, state) before the first word, one row per image."""
         out = self._run("init", {"fc": fc, "att": att})
-        return tuple(out[:self.n_ctx]), tuple(out[self.n_ctx:])
+        n_ctx = sum(o.name.startswith("ctx_") for o in self.sessions["init"].get_outputs())
+        return tuple(out[:n_ctx]), tuple(out[n_ctx:])
 
     def step(self, tokens: np.ndarray, state: Arrays, ctx: Arrays) -> tuple[np.ndarray, Arrays]:
         """One decoder step: tokens [B] int64 -> (logprobs [B, V+1], new state)."""
@@ -221,10 +219,13 @@ class OrtCaptioner:
         return score, beam, word, tuple(state)
 
     def caption_images(self, images, beam_size: int = 3) -> list[str]:
-        """Captions as ``Captioner.caption_images`` gives them (beam search; beam 1 is greedy)."""
+        """Captions as ``Captioner.caption_images`` gives them (beam search; beam 1 is greedy): one
+        runtime call, ``captioner_graph`` (as ``self.search(*self.start(*self.encode(images)), beam_size)``)."""
         from ..data.prepare import decode
+        from .search_graph import BEAM_SIZE
 
-        seq = self.search(*self.start(*self.encode(images)), beam_size)
+        images = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+        seq = self._run("captioner", {"images": images, BEAM_SIZE: np.array(beam_size, dtype=np.int64)})[0]
         return [decode(self.itow, s) for s in seq.tolist()]
 
     def search(self, ctx: Arrays, state: Arrays, beam_size: int) -> np.ndarray:
@@ -237,29 +238,37 @@ class OrtCaptioner:
 
 
 class _Sessions(dict):
-    """ONNX Runtime sessions by graph name, each made on first use: captioning needs the encoder, init
-    and search graphs; the plain step and the beam step (greedy, ``select``, parity tests) load only
-    when asked for, so their weights are not loaded twice for every caption model. Until then only
-    the step graph's bytes are kept; the beam step is rebuilt from them."""
+    """ONNX Runtime sessions by graph name, each made on first use. Captioning needs one, the joined
+    ``captioner`` graph; the parts' sessions (encoder, init, search, the plain step and the beam step)
+    load only when asked for (``encode``, ``start``, ``search``, ``step``, ``select``: benchmarks,
+    greedy parity tests), so captioning loads the weights once. The encoder, init and step graphs'
+    bytes are kept (``graph``): every other graph is built from them."""
 
-    def __init__(self, graphs: dict, options):
+    def __init__(self, graphs: dict, options, max_length: int):
         super().__init__()
-        self.graphs, self.options, self.inputs = graphs, options, {}
-        for name in ("encoder", "init", "search"):  # a bad graph fails at load, not at the first caption
-            self.__missing__(name)
+        self.graphs = {name: graphs[name] for name in ("encoder", "init", "step")}
+        self.options, self.max_length, self.inputs = options, max_length, {}
+        self.__missing__("captioner")  # a bad graph fails at load, not at the first caption
+
+    def graph(self, name: str) -> bytes:
+        """The graph ``name``: encoder, init, step, beam (``beam_step_graph``), search
+        (``search_graph``) or captioner (``captioner_graph``: encoder -> init -> search)."""
+        from .beam_step import beam_step_graph
+        from .captioner_graph import captioner_graph
+        from .search_graph import search_graph
+
+        if name == "beam":
+            return beam_step_graph(self.graphs["step"])
+        if name == "search":
+            return search_graph(self.graph("beam"), self.max_length)
+        if name == "captioner":
+            return captioner_graph(self.graphs["encoder"], self.graphs["init"], self.graph("search"))
+        return self.graphs[name]
 
     def __missing__(self, name: str):
         import onnxruntime as ort
 
-        from .beam_step import beam_step_graph
-
-        if name == "beam":
-            graph = beam_step_graph(self.graphs["step"])
-        elif name == "step":
-            graph = self.graphs["step"]  # kept: the beam step is built from it
-        else:
-            graph = self.graphs.pop(name)  # the session holds its own copy
-        session = self[name] = ort.InferenceSession(graph, self.options, providers=["CPUExecutionProvider"])
+        session = self[name] = ort.InferenceSession(self.graph(name), self.options, providers=["CPUExecutionProvider"])
         # a graph drops inputs it does not use (the Transformer's init ignores fc); asked once, not per step
         self.inputs[name] = [i.name for i in session.get_inputs()]
         return session

@@ -241,8 +241,9 @@ class _Sessions(dict):
     """ONNX Runtime sessions by graph name, each made on first use. Captioning needs one, the joined
     ``captioner`` graph; the parts' sessions (encoder, init, search, the plain step and the beam step)
     load only when asked for (``encode``, ``start``, ``search``, ``step``, ``select``: benchmarks,
-    greedy parity tests), so captioning loads the weights once. The encoder, init and step graphs'
-    bytes are kept (``graph``): every other graph is built from them."""
+    greedy parity tests), so a captioning session holds the weights once. The encoder, init and step
+    graphs' bytes stay in memory for those (``graph``: every other graph is built from them), about
+    the model's size again (measured for lite0 Up-Down: +8 MiB in int8, +80 MiB in fp32)."""
 
     def __init__(self, graphs: dict, options, max_length: int):
         super().__init__()

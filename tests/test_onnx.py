@@ -5,7 +5,7 @@ import torch
 from small_decoders import image_captioner
 
 from captioning.data.prepare import decode
-from captioning.deploy.onnx_export import names
+from captioning.deploy.onnx_export import export_captioner, names
 from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, numpy_select, topk
 from captioning.models import search as torch_search
 
@@ -60,6 +60,18 @@ def test_onnx_runtime_captions_equal_torch(family, zeros, images):
 
     for beam in (1, 3):
         assert ort_cap.caption_images(images, beam) == cap.caption_images(images, beam)
+
+
+@pytest.mark.parametrize("family", ["updown", "aoanet", "transformer"])
+def test_decoder_graphs_have_no_control_flow(family):
+    """A step runs at every word, and an If there (torch's squeeze of a dim the exporter cannot see
+    is 1) costs a subgraph call each time: the set-up and step graphs are straight-line."""
+    import onnx
+
+    graphs = export_captioner(_captioner(family, 0.0))
+    for name in ("init", "step"):
+        ops = {n.op_type for n in onnx.load_from_string(graphs[name]).graph.node}
+        assert not ops & {"If", "Loop", "Scan"}, (name, ops)
 
 
 def test_onnx_runtime_takes_numpy_images_and_several_threads(images):

@@ -18,7 +18,8 @@ def _markov_step(seed: int, nan: bool = False) -> bytes:
     """A stand-in step graph whose next word depends on the last word and the image (ctx_0), and whose
     end token grows likelier with the number of words so far, so captions end at every length. That
     number is the length of a growing state, as the Transformer reads its position off its key/value
-    cache: state_0 [B, t, 1] starts empty and gains a row per step. state_1 [B, 2] counts too. With
+    cache: state_0 [B, t, 1] starts empty and gains a row per step. state_1 [B, 2] counts too. It reads
+    the image through a node that gives the same tensor at every step, as attention's keys do. With
     ``nan``, words 3 and 6 are followed by NaN log-probabilities (all of them, through the softmax),
     as a broken model would give."""
     f, i = TensorProto.FLOAT, TensorProto.INT64
@@ -32,7 +33,8 @@ def _markov_step(seed: int, nan: bool = False) -> bytes:
              helper.make_node("Cast", ["t"], ["t_f"], to=f),
              helper.make_node("Sub", ["t_f", "four"], ["late"]),
              helper.make_node("Mul", ["late", "end"], ["end_bias"]),
-             helper.make_node("Add", ["rows", "ctx_0"], ["logits0"]),
+             helper.make_node("Mul", ["ctx_0", "one"], ["ctx_view"]),  # the same every step: search_graph hoists it
+             helper.make_node("Add", ["rows", "ctx_view"], ["logits0"]),
              helper.make_node("Add", ["logits0", "end_bias"], ["logits"]),
              helper.make_node("LogSoftmax", ["logits"], ["logprobs"], axis=1),
              helper.make_node("Cast", ["tokens"], ["tokens_f"], to=f),
@@ -98,3 +100,17 @@ def test_search_graph_is_a_valid_onnx_model_with_named_io():
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["image_state_0", "image_state_1", "image_ctx_0", "beam_size"]
     assert [o.name for o in model.graph.output] == ["seq"]
+
+
+def test_search_graph_computes_once_what_every_step_computes_alike():
+    """Nodes that read only the image's rows and constants, and the shapes of what the loop keeps the
+    shape of (the beam scores), run before the loop, not at every word; what varies stays in it."""
+    model = onnx.load_from_string(search_graph(beam_step_graph(_markov_step(0)), MAX_LEN))
+    loop, = (n for n in model.graph.node if n.op_type == "Loop")
+    body = loop.attribute[0].g
+    read = lambda nodes: {i for n in nodes for i in n.input}  # noqa: E731
+    assert "ctx_0" not in read(body.node) and "ctx_0" in read(model.graph.node)
+    assert "scores" not in {n.input[0] for n in body.node if n.op_type == "Shape"}
+    assert {"Range", "Mul"} <= {n.op_type for n in model.graph.node}  # the selection's row offsets and ctx_view
+    assert {"Gather", "LogSoftmax", "TopK", "Concat"} <= {n.op_type for n in body.node}
+    assert not {t.name for t in body.initializer} - read(body.node)  # constants only the hoisted nodes read left too

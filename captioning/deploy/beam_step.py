@@ -60,7 +60,9 @@ def beam_step_graph(step: bytes | str) -> bytes:
     logprobs = node("Cast", ["logprobs"], to=TensorProto.FLOAT)  # a no-op for float32 graphs
     b = node("Shape", [SCORES], start=0, end=1)                    # [B]
     k = node("Shape", [SCORES], start=1, end=2)                    # [K]
-    v1 = node("Shape", [logprobs], start=1, end=2)                 # [V+1]
+    words = g.output[0].type.tensor_type.shape.dim  # V+1 as a constant when the graph says it: one node fewer per step
+    v1 = (const("v1", [words[1].dim_value]) if len(words) == 2 and words[1].HasField("dim_value")
+          else node("Shape", [logprobs], start=1, end=2))                                    # [V+1]
     per_beam = node("Reshape", [logprobs, node("Concat", [b, k, v1], axis=0)])
     cand3 = node("Add", [node("Unsqueeze", [SCORES, const("axis2", [2])]), per_beam])
     cand = node("Reshape", [cand3, node("Concat", [b, const("minus1", [-1])], axis=0)])  # [B, K*(V+1)]

@@ -86,7 +86,7 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the legacy exporter is chosen on purpose: it needs no onnxscript
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        # F.pad's widths: left for ONNX Runtime to fold (``_constant_folded``)
+        # F.pad's widths: left for ONNX Runtime to fold (``constant_folded``)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # see the module docstring
         torch.onnx.export(module, args, buf, input_names=inputs, output_names=outputs, dynamic_axes=axes,
@@ -135,7 +135,7 @@ def _static_same(encoder):
     return encoder
 
 
-def _constant_folded(graph: bytes):
+def constant_folded(graph: bytes):
     """``graph`` as an ONNX ModelProto, after ONNX Runtime's basic optimisations (constant folding:
     the exporter leaves F.pad's widths as a chain of ops), which are exact and the same on every CPU."""
     import onnx
@@ -207,7 +207,7 @@ def export_encoder(encoder, batch: int = 2) -> bytes:
         graph = _export(static, (images,), list(ENCODER_INPUTS), list(ENCODER_OUTPUTS), axes)
     if static is encoder:
         return graph
-    model = _constant_folded(graph)
+    model = constant_folded(graph)
     _pads_into_convs(model)
     return model.SerializeToString()
 

@@ -17,6 +17,16 @@ puts the lower index first among equal values, as ``np.argsort(-x, kind="stable"
 stops once no live beam can beat a finished one. Merging when no beam ended changes nothing
 (finished scores come first among ties), so it runs every step. NaN ranks as +inf there, as in
 the numpy search and torch's sort, so a model that emits NaN gets the same captions too.
+
+ONNX Runtime runs every node of a loop body at every step and moves nothing out of it, and at beam 3
+a node's fixed cost is a large share of its work. So what is the same at every step (the heads'
+view of the attention keys and values, the selection's row offsets) is computed once before the
+loop (``_hoist``), after ONNX Runtime's exact basic optimisations have turned shape arithmetic into
+constants. With the step graphs' If nodes gone (``squeeze`` exported as an If), a body has 9-17
+fewer nodes (Up-Down 107 -> 98, AoANet 105 -> 92, the Transformer 170 -> 153, as ONNX Runtime
+runs them), and a search is 1.03x, 1.12x and 1.09x faster (trained int8 artifacts, beam 3, one
+thread, the two interleaved in one process; 1.01x, 1.07x and 1.03x from the encoder's input to
+the caption), with the same captions.
 """
 from __future__ import annotations
 
@@ -28,6 +38,7 @@ from .beam_step import OUTPUTS, SCORES, GraphBuilder
 
 BEAM_SIZE, SEQ = "beam_size", "seq"
 _P = "search/"  # prefix of every name added here
+_RANDOM = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 def _type_and_shape(info: onnx.ValueInfoProto) -> tuple[int, list]:
@@ -36,10 +47,87 @@ def _type_and_shape(info: onnx.ValueInfoProto) -> tuple[int, list]:
     return tt.elem_type, [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
 
 
+def _read(nodes) -> set[str]:
+    """Every name ``nodes`` read, in their subgraphs (an If's branches) too."""
+    out = set()
+    for node in nodes:
+        out.update(node.input)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out |= _read(a.g.node)
+    return out
+
+
+def _hoist(body_nodes: list, body_inits: list, outer_names: set[str], kept_shape: dict[str, str],
+           body_outputs: set[str], nodes: list, inits: list) -> list:
+    """Loop-invariant code motion: move out of the loop body every node that computes the same tensor at
+    every step, appending it to the outer graph's ``nodes`` (and the constants it reads to ``inits``,
+    renamed); returns the body's nodes left. ONNX Runtime runs a body node once per step and does
+    not hoist; at beam 3 a node's fixed cost outweighs the small tensors' arithmetic.
+
+    Invariant: a value of the outer graph the body reads (``outer_names``: every image's rows
+    repeated per beam), the ``Shape`` of a carried tensor the loop keeps the shape of (``kept_shape``:
+    its name -> its initial value's, read instead), and what a node computes from those and
+    constants alone. A node of constants alone stays: ONNX Runtime folds those at load, and the
+    body's own fusions look for their constants there. What moves: the heads' view of the
+    attention keys and values, and the selection's row offsets, that were recomputed every word."""
+    const = {t.name for t in body_inits}
+    invariant = set(outer_names)
+    hoisted = set()
+    for node in body_nodes:
+        ins = [n for n in node.input if n]
+        movable = (not set(node.output) & body_outputs and node.op_type not in _RANDOM
+                   and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute))
+        if movable and node.op_type == "Shape" and ins and ins[0] in kept_shape:
+            hoisted.add(id(node))
+        elif movable and ins and all(n in const or n in invariant for n in ins) and any(n in invariant for n in ins):
+            hoisted.add(id(node))
+        if id(node) in hoisted:
+            invariant.update(node.output)
+        elif node.op_type not in _RANDOM and all(n in const for n in ins):  # Constant nodes and their arithmetic
+            const.update(node.output)
+    if not hoisted:
+        return body_nodes
+    producers = {o: node for node in body_nodes for o in node.output}
+    by_name = {t.name: t for t in body_inits}
+    copied: dict[str, str] = {}
+
+    def constant(name: str) -> str:
+        """The outer graph's copy of a body constant (an initializer or a constant node's output)."""
+        if name not in copied:
+            copied[name] = _P + "hoisted/" + name
+            if name in by_name:
+                t = onnx.TensorProto()
+                t.CopyFrom(by_name[name])
+                t.name = copied[name]
+                inits.append(t)
+            else:
+                node = producers[name]
+                ins = [constant(n) if n else n for n in node.input]
+                outs = [_P + "hoisted/" + o for o in node.output]
+                copied.update(zip(node.output, outs))
+                nodes.append(helper.make_node(node.op_type, ins, outs, name=_P + "hoisted/" + node.name, domain=node.domain))
+                nodes[-1].attribute.extend(node.attribute)
+        return copied[name]
+
+    for node in body_nodes:
+        if id(node) in hoisted:
+            moved = onnx.NodeProto()
+            moved.CopyFrom(node)
+            if node.op_type == "Shape" and node.input[0] in kept_shape:
+                moved.input[0] = kept_shape[node.input[0]]
+            else:
+                moved.input[:] = [constant(n) if n in const else n for n in node.input]
+            nodes.append(moved)
+    return [node for node in body_nodes if id(node) not in hoisted]
+
+
 def search_graph(beam: bytes, max_length: int) -> bytes:
     """The beam step graph ``beam`` (``beam_step.beam_step_graph``'s output) inside a Loop of at most
     ``max_length`` steps, with ``beam_search``'s bookkeeping (see the module docstring)."""
-    model = onnx.load_from_string(beam)
+    from .onnx_export import constant_folded
+
+    model = constant_folded(beam)
     g = model.graph
     outs = [o.name for o in g.output]
     if outs[:3] != list(OUTPUTS) or not all(o.startswith("beam_new_state_") for o in outs[3:]):
@@ -90,13 +178,6 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
     carried = [("tokens", i64, ["rows"]), (SCORES, f32, ["batch", "beam"]),
                *((f"state_{i}", *_type_and_shape(state_info[f"state_{i}"])) for i in range(n_state)),
                (live_seq, i64, ["batch", "beam", T]), (done_seq, i64, ["batch", "beam", T]), (done_score, f32, ["batch", "beam"])]
-    body = helper.make_graph(
-        body_nodes, "search_step",
-        [helper.make_tensor_value_info(t, i64, []), helper.make_tensor_value_info(_P + "cond", TensorProto.BOOL, []),
-         *(helper.make_tensor_value_info(n, ty, shape) for n, ty, shape in carried)],
-        [helper.make_tensor_value_info(body_out_names[0], TensorProto.BOOL, []),
-         *(helper.make_tensor_value_info(n, ty, shape) for n, (_, ty, shape) in zip(body_out_names[1:], carried))],
-        body_inits)
 
     # --- the outer graph: K copies of every image's rows, the first step's scores, the loop, the best caption
     nodes, inits = [], []
@@ -126,6 +207,17 @@ def search_graph(beam: bytes, max_length: int) -> bytes:
                *(_P + f"state_in_{i}" for i in range(n_state)),
                zeros_seq, zeros_seq,
                o("ConstantOfShape", [o("Concat", [B, K], axis=0)], value=numpy_helper.from_array(np.full(1, -np.inf, np.float32)))]
+    kept_shape = {"tokens": initial[0], SCORES: initial[1], live_seq: zeros_seq, done_seq: zeros_seq, done_score: initial[-1]}
+    body_nodes = _hoist(body_nodes, body_inits, set(ctx_names), kept_shape, set(body_out_names), nodes, inits)
+    read = _read(body_nodes)
+    body_inits = [t for t in body_inits if t.name in read]
+    body = helper.make_graph(
+        body_nodes, "search_step",
+        [helper.make_tensor_value_info(t, i64, []), helper.make_tensor_value_info(_P + "cond", TensorProto.BOOL, []),
+         *(helper.make_tensor_value_info(n, ty, shape) for n, ty, shape in carried)],
+        [helper.make_tensor_value_info(body_out_names[0], TensorProto.BOOL, []),
+         *(helper.make_tensor_value_info(n, ty, shape) for n, (_, ty, shape) in zip(body_out_names[1:], carried))],
+        body_inits)
     finals = [_P + f"final_{n}" for n in ("tokens", "scores", *(f"state_{i}" for i in range(n_state)), "live", "done", "done_score")]
     nodes.append(helper.make_node("Loop", [o.const("max_length", T), o.const("true", True, np.bool_), *initial], finals,
                                   name=_P + "loop", body=body))

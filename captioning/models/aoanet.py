@@ -117,7 +117,7 @@ class AoADecoderCore(nn.Module):
         h, c, ctx = state
         h, c = self.att_lstm(torch.cat([x, mean_feats + self.ctx_drop(ctx)], 1), (h, c))
         q = self.query(self.query_norm(h)).unsqueeze(1)                    # [B, 1, A]
-        att = multihead(q, keys, values, self.heads, self.att_drop).squeeze(1)
+        att = multihead(q, keys, values, self.heads, self.att_drop)[:, 0]  # [B, A]; squeeze(1) would export as an If
         ctx = F.glu(self.att2ctx(torch.cat([att, h], 1)), dim=1)         # [B, H]
         return ctx, (h, c, ctx)
 

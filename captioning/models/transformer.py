@@ -206,7 +206,7 @@ class Transformer(CaptionDecoder):
     def step(self, tokens, state, ctx):
         x = self._embed_words(tokens.unsqueeze(1), start=state[0].shape[1])
         logprobs, state = self._decode(x, state, ctx)  # one new position attends to all cached ones
-        return logprobs.squeeze(1), state
+        return logprobs[:, 0], state  # not squeeze(1): that exports as an If, run at every word
 
     def forward(self, fc, att, seq):
         """Teacher forcing in one pass over all positions (causal mask); same contract as the base class."""

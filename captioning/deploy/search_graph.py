@@ -60,17 +60,15 @@ def _read(nodes) -> set[str]:
 
 def _hoist(body_nodes: list, body_inits: list, outer_names: set[str], kept_shape: dict[str, str],
            body_outputs: set[str], nodes: list, inits: list) -> list:
-    """Loop-invariant code motion: move out of the loop body every node that computes the same tensor at
-    every step, appending it to the outer graph's ``nodes`` (and the constants it reads to ``inits``,
-    renamed); returns the body's nodes left. ONNX Runtime runs a body node once per step and does
-    not hoist; at beam 3 a node's fixed cost outweighs the small tensors' arithmetic.
+    """Loop-invariant code motion (see the module docstring): move out of the loop body every node that
+    computes the same tensor at every step, appending it to the outer graph's ``nodes`` (and the
+    constants it reads to ``inits``, renamed); returns the body's nodes left.
 
     Invariant: a value of the outer graph the body reads (``outer_names``: every image's rows
     repeated per beam), the ``Shape`` of a carried tensor the loop keeps the shape of (``kept_shape``:
     its name -> its initial value's, read instead), and what a node computes from those and
     constants alone. A node of constants alone stays: ONNX Runtime folds those at load, and the
-    body's own fusions look for their constants there. What moves: the heads' view of the
-    attention keys and values, and the selection's row offsets, that were recomputed every word."""
+    body's own fusions look for their constants there."""
     const = {t.name for t in body_inits}
     invariant = set(outer_names)
     hoisted = set()

@@ -125,6 +125,40 @@ def test_ties_are_broken_by_position_and_the_count_is_exact():
     assert int((~keep).sum()) == k and not keep[:k].any() and keep[k:].all()
 
 
+def reference_masks(m, method, ratio, previous):
+    """The definition, over every entry: pruned ones score -1, then one threshold (per tensor for layerwise)."""
+    params = prunable(m)
+    score = lamp_scores if method == "lamp" else (lambda w: w.detach().abs().flatten().double())
+    scores = {n: score(p).masked_fill(~previous[n].flatten(), -1.0) for n, p in params.items()}
+    groups = [[n] for n in params] if method == "layerwise" else [list(params)]
+    out = {}
+    for names in groups:
+        flat = torch.cat([scores[n] for n in names])
+        k = max(round(ratio * flat.numel()), int((flat < 0).sum()))
+        rank = sorted(range(flat.numel()), key=lambda i: (flat[i].item(), i))  # ties: earlier position first
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[rank[:k]] = False
+        out.update(zip(names, (mk.view_as(params[n]) for mk, n in zip(keep.split([params[n].numel() for n in names]), names))))
+    return out
+
+
+@pytest.mark.parametrize("method", ["global", "layerwise", "lamp"])
+def test_masks_from_earlier_ones_search_only_the_kept_weights_and_match_the_definition(method):
+    """As in training: the pruned weights are zero, the kept ones have moved, and some magnitudes tie."""
+    m = tiny_decoder()
+    previous = make_masks(m, method, 0.4)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in prunable(m).items():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen)).mul_(previous[n])
+            p.view(-1)[::7] = p.view(-1)[::7].sign() * 0.03  # ties at a magnitude near the threshold
+    for ratio in (0.4, 0.55, 0.8):
+        masks = make_masks(m, method, ratio, previous=previous)
+        want = reference_masks(m, method, ratio, previous)
+        assert all(torch.equal(masks[n], want[n]) for n in want), ratio
+        assert all((~previous[n] <= ~masks[n]).all() for n in masks)
+
+
 @pytest.mark.parametrize("method", ["gradual", "gradual_lamp"])
 def test_masks_only_grow_under_the_gradual_schedule(method):
     m = tiny_decoder()

@@ -124,6 +124,11 @@ def test_policy_per_mode_and_kind_of_tensor():
     assert encoding_for("fp16", "decoder", "bias", b) == "fp16"
     assert encoding_for("int8", "encoder", "bn.num_batches_tracked", torch.tensor(5)) == "raw"
     assert encoding_for("int8", "encoder", "conv.weight", _tensor((8, 4, 3, 3))) == "int8_row"
+    # depthwise kernels stay fp16 in int8 (int8 there cost CIDEr); a 1x1 single-input conv does not
+    assert encoding_for("int8", "encoder", "conv_dw.weight", _tensor((8, 1, 3, 3))) == "fp16"
+    assert encoding_for("int8", "encoder", "conv_dw.weight", _tensor((64, 1, 3, 3), zeros=0.9)) == "sparse_fp16"
+    assert encoding_for("int8", "encoder", "conv_dw.weight", 1e5 * _tensor((8, 1, 3, 3))) == "raw"  # fp16 overflow
+    assert encoding_for("int8", "encoder", "conv_pw.weight", _tensor((8, 1, 1, 1))) == "int8_row"
     assert encoding_for("fp16", "encoder", "bn.running_var", torch.tensor([1e6, 2e6, 3.0, 4.0])) == "raw"  # fp16 overflow
     # one repeated value (a folded batch norm's constants, an emptied weight) is stored once, in any mode
     assert [encoding_for(m, "encoder", "bn.weight", torch.ones(4)) for m in QUANT_MODES] == ["const"] * 3

@@ -10,7 +10,7 @@ slim variants):
     lite0 fp32 torch   tf_efficientnet_lite0 encoder
     lite0 int8 torch   ``quantize_captioner(..., "int8")``: dynamic int8 decoder, int8-grid encoder weights
     lite0 fp32 ORT     the same model's ONNX graphs on ONNX Runtime
-    lite0 int8 ORT     static int8 encoder (calibrated on 32 images), dynamic int8 decoder matmuls
+    lite0 int8 ORT     static int8 encoder (calibrated on 32 images, its costliest units float as pack picks them), dynamic int8 decoder matmuls
 
 By default the models are random-init at the default experiment's widths (config.yaml: decoders,
 encoders' img_size, caption length 16) with a 200-word vocabulary, and the end token's output bias
@@ -48,7 +48,7 @@ from captioning.captioner import Captioner, load_captioner, quantize_captioner  
 from captioning.data.images import load_rgb, to_tensor  # noqa: E402
 from captioning.data.prepare import decode  # noqa: E402
 from captioning.deploy.onnx_export import export_captioner  # noqa: E402
-from captioning.deploy.ort_quantize import has_vnni, encoder_ranges, quantize_graphs  # noqa: E402
+from captioning.deploy.ort_quantize import encoder_ranges, float_units, has_vnni, quantize_graphs  # noqa: E402
 from captioning.deploy.ort_search import OrtCaptioner  # noqa: E402
 from captioning.encoders import create_encoder  # noqa: E402
 from captioning.models import create_decoder  # noqa: E402
@@ -104,8 +104,10 @@ def random_captioner(timm_name: str, img_size: int, dec: str, config: dict) -> C
 def ort_captioners(lite0: Captioner) -> tuple[OrtCaptioner, OrtCaptioner]:
     """``lite0`` on ONNX Runtime in fp32 and in int8, its encoder calibrated on ``calibration_images``."""
     graphs = export_captioner(lite0)
-    ranges = encoder_ranges(graphs["encoder"], calibration_images(lite0.encoder).numpy())
-    ort_fp32, ort_int8 = (OrtCaptioner(g, lite0.itow, lite0.max_length) for g in (graphs, quantize_graphs(graphs, ranges)))
+    images = calibration_images(lite0.encoder).numpy()
+    ranges = encoder_ranges(graphs["encoder"], images)
+    int8 = quantize_graphs(graphs, ranges, float_units(graphs["encoder"], ranges, images))  # as pack does
+    ort_fp32, ort_int8 = (OrtCaptioner(g, lite0.itow, lite0.max_length) for g in (graphs, int8))
     ort_fp32.torch = ort_int8.torch = lite0  # image files are read by the torch encoder's settings
     return ort_fp32, ort_int8
 

@@ -162,8 +162,10 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
     both: an ONNX Runtime artifact is rebuilt into ONNX graphs at load, which keeps the file as small
     as a torch one. For int8 on ONNX Runtime the encoder's activations are quantized statically, so
     their ranges, calibrated here on ``calibration`` images (as ``encoder_images`` gives them), are
-    stored in the config (``runtime.encoder_ranges``). ``groups``: what ``stored_groups`` gives for
-    these modules, when the caller has it already (folding runs a forward pass).
+    stored in the config (``runtime.encoder_ranges``), with the encoder units where int8 would cost
+    most, which stay float (``runtime.encoder_float``; ``ort_quantize.float_units``). ``groups``:
+    what ``stored_groups`` gives for these modules, when the caller has it already (folding runs a
+    forward pass).
     """
     mode, max_length = check_mode(quantization), _max_length(max_length, str(out), "max_length")
     check_runtime(runtime, mode)
@@ -172,22 +174,26 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
     if (runtime, mode) == ("onnxruntime", "int8"):
         if calibration is None or len(calibration) == 0:
             raise UserError(f"{out}: int8 on ONNX Runtime needs calibration images (--calibration-images)")
-        rt["encoder_ranges"] = _encoder_ranges(encoder, roundtrip(groups, mode)["encoder"], calibration)
+        rt["encoder_ranges"], rt["encoder_float"] = _encoder_calibration(encoder, roundtrip(groups, mode)["encoder"],
+                                                                         calibration)
     config = {"encoder": encoder.config(), "decoder": decoder.config,
               "vocab": {str(k): v for k, v in itow.items()}, "max_len": max_length,
               **(extra or {}), "runtime": rt}
     return artifact.pack(out, groups, config, lambda g, n, t: encoding_for(mode, g, n, t))
 
 
-def _encoder_ranges(encoder, stored: dict[str, torch.Tensor], images: torch.Tensor) -> dict:
-    """The activation ranges of the encoder as it will run (its weights as the artifact stores them)."""
+def _encoder_calibration(encoder, stored: dict[str, torch.Tensor], images: torch.Tensor) -> tuple[dict, list]:
+    """The activation ranges of the encoder as it will run (its weights as the artifact stores them),
+    and the units it keeps in float."""
     from .deploy.onnx_export import export_encoder
-    from .deploy.ort_quantize import encoder_ranges
+    from .deploy.ort_quantize import encoder_ranges, float_units
 
     c = encoder.config()
     as_stored = create_encoder(c["timm_name"], img_size=c["img_size"], mean=c["mean"], std=c["std"])
     as_stored.load_state_dict(stored)
-    return encoder_ranges(export_encoder(as_stored.eval()), images.numpy())
+    graph, images = export_encoder(as_stored.eval()), images.numpy()
+    ranges = encoder_ranges(graph, images)
+    return ranges, float_units(graph, ranges, images)
 
 
 @model_work
@@ -254,7 +260,7 @@ def load_captioner(path: str | Path, device: str = "cpu", runtime: str | None = 
         # the stored weights in float: the ONNX graphs are exported from them, then quantized there
         cap = _build(encoder_config, decoder_config, groups, itow, max_length, "fp32", "cpu", where)
         cap.config, cap.source = config, where
-        return OrtCaptioner.from_artifact(cap, mode, rt.get("encoder_ranges"), threads)
+        return OrtCaptioner.from_artifact(cap, mode, rt.get("encoder_ranges"), threads, rt.get("encoder_float", []))
     cap = _build(encoder_config, decoder_config, groups, itow, max_length, mode, device, where)
     cap.config, cap.source = config, where
     return cap

@@ -1,6 +1,8 @@
 """int8 on ONNX Runtime (captioning.deploy.ort_quantize): calibrated ranges travel between exports,
 and the int8 graphs caption as the fp32 ones do, up to int8's error."""
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +13,7 @@ from small_decoders import image_captioner
 
 from captioning.captioner import quantize_captioner
 from captioning.deploy.onnx_export import export_captioner, export_encoder
+from captioning.encoders import create_encoder
 from captioning.deploy.ort_quantize import encoder_ranges, quantize_decoder, quantize_encoder, quantize_graphs
 from captioning.deploy import ort_quantize
 from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, numpy_select
@@ -61,6 +64,34 @@ def test_ranges_must_name_the_graphs_tensors(calibration):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="0 unknown tensors.*1 missing"):
         quantize_encoder(graph, {name: r for name, r in ranges.items() if name != "att"})
+
+
+def test_float_units_finds_the_unit_int8_costs_most_and_keeps_it_float():
+    """A range planted on the tensor between a block's depthwise and pointwise convs (what int8
+    got wrong in lite0's first block) makes int8 useless; the search keeps that block float, which
+    restores the error of unplanted ranges, and stops there (no other unit cuts it by a fifth)."""
+    encoder = create_encoder("tf_efficientnet_lite0", img_size=32).eval()  # ReLU6 blocks, as lite0's
+    graph = export_encoder(encoder)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    ranges = encoder_ranges(graph, x)
+    unit = "/blocks/blocks.0/blocks.0.0"
+    with tempfile.TemporaryDirectory() as d:
+        units = ort_quantize._StaticInt8(graph, ranges, Path(d)).units
+    assert list(units)[:2] == ["/conv_stem", unit] and [n.split("/")[-2] for n in units[unit]] == ["conv_dw", "conv_pw"]
+    between = f"{unit}/bn1/act/Clip_output_0"  # conv_dw -> ReLU6 -> conv_pw
+    planted = {**ranges, between: [0.0, 1e4]}
+
+    reference = ort_quantize._features(graph, x)
+
+    def error(q: bytes) -> float:
+        return float(np.linalg.norm(ort_quantize._features(q, x) - reference) / np.linalg.norm(reference))
+
+    clean, bad, fixed = (error(quantize_encoder(graph, r, f)) for r, f in
+                         ((ranges, ()), (planted, ()), (planted, [unit])))
+    assert bad > 0.5 and fixed < 1.5 * clean < 0.2
+    assert ort_quantize.float_units(graph, planted, x) == [unit]
+    with pytest.raises(ValueError, match=r"float units \['/nowhere'\] are not convolution units"):
+        quantize_encoder(graph, ranges, ["/nowhere"])
 
 
 def _initializers(graph: bytes) -> dict[str, np.ndarray]:

@@ -53,6 +53,7 @@ def test_int8_on_onnxruntime_stores_calibrated_ranges_and_captions(cap, calibrat
     ranges = ort.config["runtime"]["encoder_ranges"]
     assert isinstance(ort, OrtCaptioner) and ort.quantization == "int8" and len(ranges) > 10
     assert all(lo <= hi for lo, hi in ranges.values())
+    assert isinstance(ort.config["runtime"]["encoder_float"], list)  # the units kept float: see test_ort_quantize
     captions = ort.caption_files(IMAGES)
     assert len(captions) == len(IMAGES) and all(isinstance(c, str) for c in captions)
     # the stored weights are the int8 ones either way; the torch path runs them too
@@ -91,6 +92,10 @@ def test_bad_runtime_settings_are_one_line(cap, calibration, tmp_path):
         ({"encoder_ranges": {name: [2.0, 1.0]}}, r"must be \[lo, hi\]"),
         ({"encoder_ranges": {name: ["0", 1.0]}}, r"must be \[lo, hi\]"),
         ({"encoder_ranges": {"no_such_tensor": [0.0, 1.0]}}, r"bad\.capz: "),
+        ({"encoder_float": "/conv_stem"}, r"encoder_float must be a list of at most 4 unit names"),
+        ({"encoder_float": [1]}, r"encoder_float must be a list"),
+        ({"encoder_float": ["/x"] * 5}, r"encoder_float must be a list of at most 4"),
+        ({"encoder_float": ["/no_such_unit"]}, r"bad\.capz: float units \['/no_such_unit'\] are not convolution units"),
     ]:
         rt = copy.deepcopy(config["runtime"])
         rt.update(bad)

@@ -126,6 +126,7 @@ def beam_search(select: Select, ctx: Arrays, state: Arrays, beam_size: int, max_
 
 
 MAX_RANGES = 100_000  # calibrated tensors an artifact may list; lite0 needs a few hundred
+MAX_UNIT_CHARS = 1_000  # the length of a float unit's name (``ort_quantize.conv_units``)
 
 
 class OrtCaptioner:
@@ -164,10 +165,10 @@ class OrtCaptioner:
         return ort
 
     @classmethod
-    def from_artifact(cls, captioner, mode: str, ranges, threads: int = 1) -> "OrtCaptioner":
+    def from_artifact(cls, captioner, mode: str, ranges, threads: int = 1, float_units=()) -> "OrtCaptioner":
         """The graphs of a loaded artifact (``captioner``: its stored weights, computing in float),
         computing in ``mode`` (``artifact_graphs``)."""
-        ort = cls(artifact_graphs(captioner, mode, ranges), captioner.itow, captioner.max_length, threads)
+        ort = cls(artifact_graphs(captioner, mode, ranges, float_units), captioner.itow, captioner.max_length, threads)
         ort.torch, ort.quantization, ort.config, ort.source = captioner, mode, captioner.config, captioner.source
         return ort
 
@@ -275,10 +276,11 @@ class _Sessions(dict):
         return session
 
 
-def artifact_graphs(captioner, mode: str, ranges) -> dict[str, bytes]:
+def artifact_graphs(captioner, mode: str, ranges, float_units=()) -> dict[str, bytes]:
     """The encoder, init and step graphs of a loaded artifact (``captioner``: its stored weights,
     computing in float) in ``mode``: int8 quantizes the encoder statically with the artifact's
-    calibrated activation ``ranges`` and the decoder's matmuls dynamically."""
+    calibrated activation ``ranges``, its ``float_units`` left float (none in an artifact packed
+    before they were chosen), and the decoder's matmuls dynamically."""
     from ..errors import UserError
     from .onnx_export import export_captioner
 
@@ -287,7 +289,8 @@ def artifact_graphs(captioner, mode: str, ranges) -> dict[str, bytes]:
         from .ort_quantize import quantize_graphs
 
         try:
-            graphs = quantize_graphs(graphs, _checked_ranges(ranges, captioner.source))
+            graphs = quantize_graphs(graphs, _checked_ranges(ranges, captioner.source),
+                                     _checked_units(float_units, captioner.source))
         except ValueError as e:
             raise UserError(f"{captioner.source}: {str(e).strip().splitlines()[0]}") from None
     return graphs
@@ -308,3 +311,16 @@ def _checked_ranges(ranges, where: str) -> dict[str, list[float]]:
         if not ok or r[0] > r[1]:
             raise UserError(f"{where}: runtime.encoder_ranges[{name!r}] must be [lo, hi], finite, lo <= hi; got {r!r}")
     return ranges
+
+
+def _checked_units(units, where: str) -> list[str]:
+    """An artifact's float encoder units: a list of at most ``MAX_FLOAT_UNITS`` short names, or a one-line UserError
+    (whether the graph has them is ``quantize_encoder``'s check)."""
+    from ..errors import UserError
+    from .ort_quantize import MAX_FLOAT_UNITS
+
+    ok = (isinstance(units, (list, tuple)) and len(units) <= MAX_FLOAT_UNITS
+          and all(isinstance(u, str) and 0 < len(u) <= MAX_UNIT_CHARS for u in units))
+    if not ok:
+        raise UserError(f"{where}: runtime.encoder_float must be a list of at most {MAX_FLOAT_UNITS} unit names")
+    return list(units)

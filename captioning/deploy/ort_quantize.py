@@ -223,12 +223,12 @@ def float_units(encoder_graph: bytes, ranges: dict, images: np.ndarray, max_unit
     costs the most, measured as the relative error of the region features against fp32, while
     that cuts the error to at most ``gain`` of what it was, up to ``max_units``. Deterministic.
 
-    Per-tensor activations are int8's weak point in MobileNet-style encoders, and the first block
-    is the known worst case (Krishnamoorthi 2018; Nagel et al. 2019): on tf_efficientnet_lite0
-    with ImageNet weights (64 calibration images, 64 others) the error was 0.30 with every unit
-    int8 and 0.077 with its first block (``/blocks/blocks.0/blocks.0.0``: 3 MMACs of 27) in float;
-    no second unit cut it below 0.075. Three trained decoders over it lost 1.7-3.3% CIDEr with the
-    all-int8 encoder and none (+0.1 to +1.0%) with that block in float (README)."""
+    Per-tensor activations are int8's weak point in MobileNet-style encoders, depthwise layers
+    above all (Krishnamoorthi 2018; Nagel et al. 2019). On tf_efficientnet_lite0 with ImageNet
+    weights (64 calibration images, 64 others) the error was 0.30 with every unit int8 and 0.077
+    with its first block (``/blocks/blocks.0/blocks.0.0``, 3.3 of its 125 MMACs at 128 px) in
+    float; no second unit cut it below 0.075. Three trained decoders over it lost 1.7-3.3% CIDEr
+    with the all-int8 encoder and none (+0.1 to +1.0%) with that block in float (README)."""
     images = np.ascontiguousarray(images, dtype=np.float32)
     reference = _features(encoder_graph, images)
 

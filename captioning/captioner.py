@@ -153,7 +153,7 @@ def check_runtime(runtime: str, mode: str) -> str:
 
 def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
                extra: dict | None = None, quantization: str = "fp32", runtime: str = "torch",
-               calibration: torch.Tensor | None = None, groups: dict | None = None) -> int:
+               calibration: torch.Tensor | None = None, groups: dict | None = None, calibration_cache=None) -> int:
     """Write encoder + decoder + vocabulary + caption length limit as one artifact, tensors stored
     per ``quantization`` (see ``compress.quantize``) after the encoder's batch norms are folded
     (``stored_groups``); returns its size in bytes.
@@ -165,7 +165,8 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
     stored in the config (``runtime.encoder_ranges``), with the encoder units where int8 would cost
     most, which stay float (``runtime.encoder_float``; ``ort_quantize.float_units``). ``groups``:
     what ``stored_groups`` gives for these modules, when the caller has it already (folding runs a
-    forward pass).
+    forward pass). ``calibration_cache``: a folder where packs of the same encoder share that
+    calibration.
     """
     mode, max_length = check_mode(quantization), _max_length(max_length, str(out), "max_length")
     check_runtime(runtime, mode)
@@ -175,36 +176,37 @@ def pack_model(out, encoder, decoder, itow: dict[int, str], max_length: int,
         if calibration is None or len(calibration) == 0:
             raise UserError(f"{out}: int8 on ONNX Runtime needs calibration images (--calibration-images)")
         rt["encoder_ranges"], rt["encoder_float"] = _encoder_calibration(encoder, roundtrip(groups, mode)["encoder"],
-                                                                         calibration)
+                                                                         calibration, calibration_cache)
     config = {"encoder": encoder.config(), "decoder": decoder.config,
               "vocab": {str(k): v for k, v in itow.items()}, "max_len": max_length,
               **(extra or {}), "runtime": rt}
     return artifact.pack(out, groups, config, lambda g, n, t: encoding_for(mode, g, n, t))
 
 
-def _encoder_calibration(encoder, stored: dict[str, torch.Tensor], images: torch.Tensor) -> tuple[dict, list]:
+def _encoder_calibration(encoder, stored: dict[str, torch.Tensor], images: torch.Tensor,
+                         cache_dir=None) -> tuple[dict, list]:
     """The activation ranges of the encoder as it will run (its weights as the artifact stores them),
-    and the units it keeps in float."""
+    and the units it keeps in float (``ort_quantize.calibrate``, cached in ``cache_dir``)."""
     from .deploy.onnx_export import export_encoder
-    from .deploy.ort_quantize import encoder_ranges, float_units
+    from .deploy.ort_quantize import calibrate
 
     c = encoder.config()
     as_stored = create_encoder(c["timm_name"], img_size=c["img_size"], mean=c["mean"], std=c["std"])
     as_stored.load_state_dict(stored)
-    graph, images = export_encoder(as_stored.eval()), images.numpy()
-    ranges = encoder_ranges(graph, images)
-    return ranges, float_units(graph, ranges, images)
+    return calibrate(export_encoder(as_stored.eval()), images.numpy(), cache_dir)
 
 
 @model_work
 def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: str = "fp32",
-                 meta: dict | None = None, runtime: str = "torch", calibration_images: int = 0) -> tuple[int, dict]:
+                 meta: dict | None = None, runtime: str = "torch", calibration_images: int = 0,
+                 calibration_cache=None) -> tuple[int, dict]:
     """Pack an encoder file and a decoder file with the prepared dataset's vocabulary and
     ``max_length`` into the artifact ``out``; returns (its size in bytes, its storage record).
 
     The artifact's config also holds ``variant`` (``meta``: what this variant is) and ``storage``:
     the decoder's measured sparsity and the theoretical storage floor for ``quantization``.
-    ``calibration_images``: the first that many training images calibrate an int8 ONNX Runtime encoder.
+    ``calibration_images``: the first that many training images calibrate an int8 ONNX Runtime encoder
+    (once per encoder with ``calibration_cache``: see ``pack_model``).
     """
     from .compress.prune import measured_sparsity
     from .compress.quantize import storage_floor_bytes
@@ -223,7 +225,7 @@ def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: st
         calibration = encoder_images(encoder, split_images(prepared_dir, "train")[1][:calibration_images])
     size = pack_model(out, encoder, decoder, itow, max_length=max_length,
                       extra={"variant": meta or {}, "storage": storage}, quantization=quantization,
-                      runtime=runtime, calibration=calibration, groups=groups)
+                      runtime=runtime, calibration=calibration, groups=groups, calibration_cache=calibration_cache)
     return size, storage
 
 

@@ -103,7 +103,8 @@ def cmd_pack(a):
     from .evaluation.evaluate import caption_artifact
 
     size, storage = pack_variant(a.out, a.encoder, a.decoder, a.prepared, a.quantization, a.meta,
-                                 runtime=a.runtime, calibration_images=a.calibration_images)
+                                 runtime=a.runtime, calibration_images=a.calibration_images,
+                                 calibration_cache=a.encoder_cache)
     print(f"{a.out}: {size / 1e6:.2f} MB (floor {storage['floor_bytes'] / 1e6:.2f} MB)")
     if a.caption_dir:  # in the same process: one start-up for packing and captioning
         caption_artifact(a.out, a.prepared, a.caption_dir, beam_size=a.beam_size, device=a.device, meta=a.meta,
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--caption-dir", help="also caption the test images with the packed artifact: captions.json "
                                          "and variant.json here (for `score --eval-dirs`)")
     s.add_argument("--encoder-cache", help="a folder where variants with identical encoders share the encoder's "
-                                           "outputs on the test images (the captions are the same without it)")
+                                           "outputs on the test images and its int8 ONNX Runtime calibration "
+                                           "(the artifacts and captions are the same without it)")
 
     s = verb("evaluate", cmd_evaluate, "caption the raw test images from an artifact and score them",
              model, prepared, split, beam, timing_threads, device, meta)

@@ -13,10 +13,10 @@ from small_decoders import image_captioner
 
 from captioning.captioner import quantize_captioner
 from captioning.deploy.onnx_export import export_captioner, export_encoder
-from captioning.encoders import create_encoder
 from captioning.deploy.ort_quantize import encoder_ranges, quantize_decoder, quantize_encoder, quantize_graphs
 from captioning.deploy import ort_quantize
 from captioning.deploy.ort_search import OrtCaptioner, beam_search, greedy, numpy_select
+from captioning.encoders import create_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
@@ -92,6 +92,26 @@ def test_float_units_finds_the_unit_int8_costs_most_and_keeps_it_float():
     assert ort_quantize.float_units(graph, planted, x) == [unit]
     with pytest.raises(ValueError, match=r"float units \['/nowhere'\] are not convolution units"):
         quantize_encoder(graph, ranges, ["/nowhere"])
+
+
+def test_calibration_is_computed_once_per_encoder_and_images(calibration, tmp_path, monkeypatch):
+    """Packs of one encoder share its calibration through the cache: a fresh export of the same
+    weights hits it; other images or a corrupt entry are calibrated again."""
+    graph = export_encoder(_captioner("updown").encoder)
+    first = ort_quantize.calibrate(graph, calibration, tmp_path)
+    ranges = encoder_ranges(graph, calibration)
+    assert first == (ranges, ort_quantize.float_units(graph, ranges, calibration)) == ort_quantize.calibrate(graph,
+                                                                                                          calibration)
+    [entry] = tmp_path.glob("calibration-*.json")
+
+    with monkeypatch.context() as m:
+        m.setattr(ort_quantize, "encoder_ranges", lambda *a: pytest.fail("calibrated again"))
+        assert ort_quantize.calibrate(export_encoder(_captioner("updown").encoder), calibration, tmp_path) == first
+    ort_quantize.calibrate(graph, calibration[:8], tmp_path)
+    assert len(list(tmp_path.glob("calibration-*.json"))) == 2
+    entry.write_text("{")
+    assert ort_quantize.calibrate(graph, calibration, tmp_path) == first
+    assert json.loads(entry.read_text())["ranges"] == ranges
 
 
 def _initializers(graph: bytes) -> dict[str, np.ndarray]:

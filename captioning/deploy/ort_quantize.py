@@ -24,7 +24,9 @@ graphs are quantized where they run (at load), so each CPU gets its own choice.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -184,14 +186,15 @@ class _StaticInt8:
 def conv_units(model: onnx.ModelProto) -> dict[str, list[str]]:
     """{unit: its Conv node names}, in graph order. A unit is the module that holds convolutions,
     named by the exporter's scope: ``/blocks/blocks.0/blocks.0.0`` for an EfficientNet block's
-    depthwise and pointwise convs (``.../conv_dw/Conv``, ``.../conv_pw/Conv``), ``/conv_stem`` for a
-    convolution at the top level. A block's convs share their activations' grid, so they are kept
-    in float together (one of them alone can make the int8 error worse, measured on lite0)."""
+    depthwise and pointwise convs (``.../conv_dw/Conv``, ``.../conv_pw/Conv``), ``/conv_stem`` for
+    a convolution at the top level; a node with no scope is its own unit. A block's convs share
+    their activations' grid, so they are kept in float together (one of them alone can make the
+    int8 error worse, measured on lite0)."""
     units: dict[str, list[str]] = {}
     for node in model.graph.node:
         if node.op_type == "Conv":
             parts = node.name.split("/")
-            units.setdefault("/".join(parts[:-2]) or "/".join(parts[:-1]), []).append(node.name)
+            units.setdefault("/".join(parts[:-2]) or "/".join(parts[:-1]) or node.name, []).append(node.name)
     return units
 
 
@@ -247,6 +250,41 @@ def float_units(encoder_graph: bytes, ranges: dict, images: np.ndarray, max_unit
                 break
             chosen, current = chosen + [unit], best
     return chosen
+
+
+CALIBRATION_FORMAT = "captioning.ort_calibration/1"
+
+
+def calibrate(encoder_graph: bytes, images: np.ndarray, cache_dir=None) -> tuple[dict, list[str]]:
+    """(``encoder_ranges``, ``float_units``) of ``encoder_graph`` on ``images``. With ``cache_dir``,
+    once per graph, images, ONNX Runtime version and weight width (VNNI or not, which
+    ``quantize_static`` reads): every int8 variant of one encoder packs the same answer, and the
+    search is most of a pack's time (lite0: about 35 of 55 s). A cached file that is unreadable or
+    not of this format is recomputed."""
+    import onnxruntime
+
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    path = None
+    if cache_dir is not None:
+        h = hashlib.sha256(json.dumps([CALIBRATION_FORMAT, onnxruntime.__version__, has_vnni(), PERCENTILE,
+                                       MAX_FLOAT_UNITS, FLOAT_GAIN, images.shape]).encode())
+        h.update(hashlib.sha256(encoder_graph).digest())
+        h.update(images.tobytes())
+        path = Path(cache_dir) / f"calibration-{h.hexdigest()}.json"
+        try:
+            cached = json.loads(path.read_text())
+            if (cached.get("format") == CALIBRATION_FORMAT and isinstance(cached.get("ranges"), dict)
+                    and isinstance(cached.get("float"), list)):
+                return cached["ranges"], cached["float"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    ranges = encoder_ranges(encoder_graph, images)
+    units = float_units(encoder_graph, ranges, images)
+    if path is not None:
+        from ..io import write_json
+
+        write_json(path, {"format": CALIBRATION_FORMAT, "ranges": ranges, "float": units}, indent=None)
+    return ranges, units
 
 
 def _gemm_as_matmul(model: onnx.ModelProto) -> None:

@@ -8,7 +8,7 @@ slim variants):
 
     r50 fp32 torch     the baseline (resnet50 encoder, with the family's decoder: a slim variant's baseline)
     lite0 fp32 torch   tf_efficientnet_lite0 encoder
-    lite0 int8 torch   ``quantize_captioner(..., "int8")``: dynamic int8 decoder, int8-grid encoder weights
+    lite0 int8 torch   ``quantize_captioner(..., "int8")``: weight-only int8 (int8-grid weights, fp32 compute)
     lite0 fp32 ORT     the same model's ONNX graphs on ONNX Runtime
     lite0 int8 ORT     static int8 encoder (calibrated on 32 images, its costliest units float as pack picks them), dynamic int8 decoder matmuls
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .compress import artifact
-from .compress.quantize import QUANT_MODES, apply_runtime, check_mode, encoding_for, roundtrip
+from .compress.quantize import QUANT_MODES, check_mode, encoding_for, roundtrip
 from .data.images import encoder_images
 from .encoders import create_encoder, load_encoder
 from .errors import UserError
@@ -33,17 +33,13 @@ class Captioner:
         self.device = device
         self.quantization = "fp32"
         self.source = "captioner"  # what error messages name: the artifact's path once loaded from one
-        # the weights as stored (fp32 view), kept when the runtime modules hold packed int8 instead
-        self.stored: dict[str, dict[str, torch.Tensor]] | None = None
 
     def parameters(self):
         yield from self.encoder.parameters()
         yield from self.decoder.parameters()
 
     def state_groups(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{"encoder": state dict, "decoder": state dict} of float tensors, also for an int8 model."""
-        if self.stored is not None:
-            return self.stored
+        """{"encoder": state dict, "decoder": state dict} of float tensors (an int8 model's on its grid)."""
         return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()}
 
     runtime = "torch"
@@ -68,14 +64,9 @@ class Captioner:
         from .models.search import beam_search
 
         fc, att = fc.to(self.device), att.to(self.device)
-        try:
-            seq = beam_search(self.decoder, fc, att, beam_size=beam_size, max_length=self.max_length)
-        except RuntimeError as e:
-            # dynamic int8 cannot quantize an activation that overflowed float32: the weights are out of range
-            if self.quantization != "int8" or "ChooseQuantizationParams" not in str(e):
-                raise
-            raise UserError(f"{self.source}: the model's activations overflow float32, so int8 cannot run it "
-                            "(weights out of any trained range)") from None
+        if not (torch.isfinite(fc).all() and torch.isfinite(att).all()):  # weights out of any trained range
+            raise UserError(f"{self.source}: the model's activations overflow float32, so it cannot caption")
+        seq = beam_search(self.decoder, fc, att, beam_size=beam_size, max_length=self.max_length)
         return [decode(self.itow, s) for s in seq.tolist()]
 
     def caption_files(self, paths, beam_size: int = 3, batch_size: int = 16) -> list[str]:
@@ -95,16 +86,8 @@ def _build(encoder_config: dict, decoder_config: dict, groups, itow, max_length:
         except (KeyError, RuntimeError) as e:
             lines = str(e).strip().splitlines()
             raise UserError(f"{source}: {group} weights do not match its config ({' '.join(lines[:2])})") from None
-    if mode == "int8":
-        device = "cpu"  # dynamic int8 kernels exist on CPU only
     cap = Captioner(encoder, decoder, itow, max_length, device)
-    try:
-        apply_runtime(cap, mode)
-    except RuntimeError as e:  # torch's int8 observers refuse weights whose range overflows float32
-        raise UserError(f"{source}: weights cannot run as {mode} ({str(e).strip().splitlines()[0]})") from None
     cap.quantization = mode
-    if mode == "int8":
-        cap.stored = groups
     return cap
 
 
@@ -232,8 +215,8 @@ def pack_variant(out, encoder_path, decoder_path, prepared_dir, quantization: st
 def load_captioner(path: str | Path, device: str = "cpu", runtime: str | None = None, threads: int = 1):
     """Rebuild a Captioner from an artifact alone: no dataset, config or network needed.
 
-    ``device`` "auto" means CUDA when present. An int8 artifact runs on CPU whatever ``device``
-    says (dynamic int8 is CPU-only). ``runtime`` (torch or onnxruntime) overrides the engine the
+    ``device`` "auto" means CUDA when present; on torch every quantization computes in float, so
+    any artifact runs on any device (``compress.quantize``). ``runtime`` (torch or onnxruntime) overrides the engine the
     artifact was packed for; ONNX Runtime gets an ``OrtCaptioner`` on CPU with ``threads`` threads.
 
     The artifact may come from a stranger: its configs are checked against bounds and its model is

@@ -280,8 +280,8 @@ def test_cli_prints_one_line_and_exits_2(seeds, tmp_path, capsys):
 
 
 
-def test_weights_whose_activations_overflow_cannot_run_int8(seeds, tmp_path):
-    """Finite but absurd weights load; int8 then cannot quantize the overflowing activations: one line."""
+def test_weights_whose_activations_overflow_cannot_caption(seeds, tmp_path):
+    """Finite but absurd weights load; features that overflow float32 then stop captioning with one line."""
     import torch
 
     header, payload = copy.deepcopy(seeds["int8"])
@@ -290,6 +290,6 @@ def test_weights_whose_activations_overflow_cannot_run_int8(seeds, tmp_path):
     payload[c["offset"]:c["offset"] + c["nbytes"]] = np.full(c["nbytes"] // 4, 2e36, "<f4").tobytes()
     path = _write(tmp_path, header, bytes(payload))
     cap = load_captioner(path)
-    with pytest.raises(UserError, match=r"activations overflow float32, so int8 cannot run it") as e:
+    with pytest.raises(UserError, match=r"activations overflow float32, so it cannot caption") as e:
         cap.caption_images(torch.rand(1, 3, fuzz.IMG, fuzz.IMG))
     assert "\n" not in str(e.value) and str(e.value).startswith(str(path))

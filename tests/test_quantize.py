@@ -5,8 +5,7 @@ from torch import nn
 
 from captioning.compress import artifact
 from captioning.compress.encodings import quantize_rows
-from captioning.compress.quantize import (QUANT_MODES, apply_runtime, encoding_for, roundtrip,
-                                          storage_floor_bytes)
+from captioning.compress.quantize import QUANT_MODES, encoding_for, roundtrip, storage_floor_bytes
 from captioning.errors import UserError
 
 DENSE_OF = {"sparse_raw": "raw", "sparse_fp16": "fp16", "sparse_int8": "int8_row"}
@@ -216,33 +215,18 @@ class _Tiny(nn.Module):
         self.embed, self.lin, self.cell = nn.Embedding(10, 6), nn.Linear(6, 5), nn.LSTMCell(5, 4)
 
 
-def test_int8_runtime_swaps_linear_and_lstmcell_and_computes_on_the_stored_grid():
+def test_int8_model_computes_in_float_on_the_stored_grid():
+    """torch runs int8 weight-only: plain float modules whose weights are the stored integers x their row's scale."""
     torch.manual_seed(0)
     m = _Tiny()
-    m.load_state_dict(roundtrip({"m": m.state_dict()}, "int8")["m"])
-    stored = {k: v.clone() for k, v in m.state_dict().items()}
-    q = apply_runtime(m, "int8")
-    for layer in (q.lin, q.cell):
-        assert type(layer).__module__.startswith("torch.ao.nn.quantized.dynamic")
-    assert isinstance(q.embed, nn.Embedding)  # weight-only int8 via the stored grid
-    # re-quantizing int8_row weights gives back the same integers: compute uses the stored weights
-    torch.testing.assert_close(q.lin.weight().dequantize(), stored["lin.weight"], rtol=1e-6, atol=0)
-    cell_w = q.cell.get_weight()
-    torch.testing.assert_close(cell_w["weight_ih"].dequantize(), stored["cell.weight_ih"], rtol=1e-6, atol=0)
-    torch.testing.assert_close(cell_w["weight_hh"].dequantize(), stored["cell.weight_hh"], rtol=1e-6, atol=0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    after = roundtrip({"m": m.state_dict()}, "int8")["m"]
+    m.load_state_dict(after)
+    assert type(m.lin) is nn.Linear and type(m.cell) is nn.LSTMCell and m.lin.weight.dtype == torch.float32
+    for name in ("embed.weight", "lin.weight", "cell.weight_ih", "cell.weight_hh"):
+        w, scale = after[name], before[name].abs().amax(1, keepdim=True) / 127
+        assert not torch.equal(w, before[name])  # really rounded ...
+        torch.testing.assert_close(w / scale, (w / scale).round(), rtol=0, atol=1e-4)  # ... to the int8 grid
+        assert (w / scale).abs().max() <= 127 + 1e-4
+    assert torch.equal(after["lin.bias"], before["lin.bias"])  # 1-D tensors stay fp32
 
-
-def test_fp32_and_fp16_runtimes_change_nothing():
-    m = _Tiny()
-    for mode in ("fp32", "fp16"):
-        assert apply_runtime(m, mode) is m and isinstance(m.lin, nn.Linear)
-    with pytest.raises(UserError, match="unknown quantization"):
-        apply_runtime(m, "bf16")
-
-
-def test_int8_runtime_raises_no_deprecation_warning():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        apply_runtime(_Tiny(), "int8")

@@ -10,9 +10,9 @@ is stored as that one value, in its own dtype (``const``).
 int8 is symmetric per row: row = dim 0 (a Linear's output unit, a conv's output channel),
 the rest flattened; a 1-D tensor is one row. ``scale = max|row| / 127`` (at least float32
 eps, so an all-zero row decodes to zeros, never NaN) and ``q = round(x / scale)`` in
-[-127, 127]. This is exactly the grid torch's symmetric per-channel observer picks with
-``quant_min=-127`` (see ``quantize.apply_runtime``), so re-quantizing a decoded weight for
-int8 compute gives back the same integers and the stored and computed weights agree.
+[-127, 127]. ONNX Runtime's symmetric per-channel int8 picks the same grid, so re-quantizing a
+decoded weight for int8 compute there gives back the same integers and the stored and computed
+weights agree (``deploy.ort_quantize``).
 
 ``ENCODINGS`` is the registry the artifact reader and writer look encodings up in. Each entry also
 gives its ``layout``: the chunks (dtype, shape) a tensor of a given shape must have, so the reader

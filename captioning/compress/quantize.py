@@ -1,12 +1,12 @@
 """Quantization modes: how each tensor is stored in the artifact, and how the loaded model computes.
 
-A mode is a storage policy plus a runtime step:
+A mode is a storage policy:
 
-    mode   weights (dim >= 2)        1-D tensors        compute
+    mode   weights (dim >= 2)        1-D tensors        compute on torch
     fp32   raw                       raw                fp32
     fp16   fp16                      fp16               fp32 (fp16 is slow on CPU; storage only)
-    int8   int8 per row              raw fp32 (tiny)    decoder Linear/LSTMCell: dynamic int8 (CPU);
-           (depthwise kernels fp16)                     embedding, encoder convs: weight-only int8
+    int8   int8 per row              raw fp32 (tiny)    fp32 on the int8 grid (weight-only int8)
+           (depthwise kernels fp16)
 
 A depthwise kernel has 9 weights per channel and few channels: it is a small share of the encoder
 (lite0: 182K of 3.3M conv weights), and int8 there is what int8 costs in CIDEr. Measured on the
@@ -21,15 +21,18 @@ norm's constants) is stored as that value. ``roundtrip`` applies exactly the art
 encode/decode to an in-memory model, so a quantized model in memory and the same model loaded
 from its artifact hold identical weights and write identical captions.
 
-This is the only module that knows the torch quantization API.
+On torch every mode computes in float: the loaded weights are the stored int8 values times their
+row's scale. int8 compute is ONNX Runtime's (``captioning.deploy.ort_quantize``, the artifact's
+``onnxruntime`` runtime): torch's dynamic int8 (``torch.ao.quantization``) is deprecated, was no
+faster end to end (0.98-1.14x fp32 in ``benchmarks/latency.py``: the encoder's convolutions never
+had int8 kernels) and captioned as weight-only int8 does (CIDEr 1.6764 against 1.6762 on the
+768-wide Up-Down at 90% sparsity, 3,000 test images).
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
-from torch import nn
 
 from ..errors import UserError
 from . import artifact
@@ -128,45 +131,4 @@ def storage_floor_bytes(groups: dict[str, dict[str, torch.Tensor]], mode: str) -
     return math.ceil(bits / 8)
 
 
-# ---------------------------------------------------------------- runtime
-
-
-def _int8_qconfig():
-    from torch.ao.quantization import PerChannelMinMaxObserver, QConfig, default_dynamic_quant_observer
-
-    # symmetric per output channel on [-127, 127]: scale = max|row| / 127, the int8_row grid, so a
-    # weight already on that grid is re-quantized to the same integers
-    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                                quant_min=-127, quant_max=127)
-    return QConfig(activation=default_dynamic_quant_observer, weight=weight)
-
-
-def _dynamic_int8(decoder: nn.Module) -> nn.Module:
-    """Swap the decoder's Linear and LSTMCell layers for dynamic int8 ones (CPU only), in place."""
-    from torch.ao.quantization import quantize_dynamic
-
-    qconfig = _int8_qconfig()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*deprecated")  # torch.ao quantization: still works
-        return quantize_dynamic(decoder.cpu(), {nn.Linear: qconfig, nn.LSTMCell: qconfig},
-                                dtype=torch.qint8, inplace=True)
-
-
-def apply_runtime(target, mode: str):
-    """Make a (roundtripped) decoder or Captioner compute in ``mode``; returns it.
-
-    Only int8 changes anything: the decoder's Linear and LSTMCell layers then run dynamic int8
-    matmuls, which exist on CPU only, so a Captioner is moved to CPU. The embedding and the
-    encoder's convs stay fp32 modules holding int8-grid weights (weight-only int8).
-    """
-    if check_mode(mode) != "int8":
-        return target
-    if isinstance(target, nn.Module):
-        return _dynamic_int8(target)
-    target.encoder = target.encoder.cpu()
-    target.decoder = _dynamic_int8(target.decoder)
-    target.device = "cpu"
-    return target
-
-
-__all__ = ["QUANT_MODES", "check_mode", "encoding_for", "roundtrip", "storage_floor_bytes", "apply_runtime"]
+__all__ = ["QUANT_MODES", "check_mode", "encoding_for", "roundtrip", "storage_floor_bytes"]

@@ -242,13 +242,8 @@ def export_decoder(decoder, fc: torch.Tensor, att: torch.Tensor, steps: int = 3)
 
 
 def export_captioner(captioner, batch: int = 2) -> dict[str, bytes]:
-    """{"encoder", "init", "step"}: a float ``Captioner``'s three graphs, traced on blank images.
-
-    An int8 captioner runs torch's own quantized kernels, which have no ONNX form: export its fp32
-    model and quantize the ONNX graphs instead.
-    """
-    if captioner.quantization == "int8":
-        raise ValueError("cannot export an int8 Captioner (torch dynamic int8 modules): export the float model")
+    """{"encoder", "init", "step"}: a ``Captioner``'s three float graphs, traced on blank images
+    (an int8 one's weights on their int8 grid: ``ort_quantize`` then keeps those integers)."""
     encoder = captioner.encoder
     with torch.no_grad(), _eval(encoder):
         fc, att = encoder(torch.zeros(batch, 3, encoder.img_size, encoder.img_size, device=captioner.device))

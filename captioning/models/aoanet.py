@@ -17,7 +17,7 @@ query ``q`` it answered: ``AoA(a, q) = glu(W [a; q])`` = information * sigmoid(g
 In the decoder only the query is projected (the keys and values come from ``ctx2att``). At the
 COCO settings (V=9487, E=H=A=1024, 8 heads, 6 refiner layers, 2048-d features) it has 85,562,640
 parameters. Only plain nn.Embedding / nn.Linear / nn.LSTMCell / nn.LayerNorm hold weights, so
-pruning and dynamic int8 quantization see every one of them. ``embed_rank`` / ``tie_embeddings``
+pruning, int8 storage and ONNX export see every one of them. ``embed_rank`` / ``tie_embeddings``
 factorise or tie the word embedding and the output layer (see ``embedding.py``); smaller widths
 and fewer refiner layers are just smaller settings.
 """

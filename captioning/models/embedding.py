@@ -14,8 +14,8 @@ embedding and the H×(V+1) output layer hold 9.5M parameters each, over a third 
 
 Tying is done by reading the table at call time (``F.linear``), not by sharing a module or a
 Parameter: the state dict then holds the table once (safetensors refuses a tensor stored
-twice), ``parameters()`` and pruning see it once, and dynamic int8 quantization, which swaps
-nn.Linear modules, leaves it an embedding. So the decoder calls ``logits(output, embed, h)``.
+twice), ``parameters()``, pruning and int8 storage see it once, and a pass that swaps
+nn.Linear modules leaves it an embedding. So the decoder calls ``logits(output, embed, h)``.
 The tied output's bias is then the one weight outside a plain torch module; it is 1-D, so
 pruning and quantization leave it alone as they do every bias.
 

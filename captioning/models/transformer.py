@@ -18,8 +18,8 @@ Stepping is incremental: ``prepare`` runs the encoder and projects the memory to
 layer's cross-attention keys and values once; the state holds each layer's self-attention keys
 and values of the positions seen so far, [B, t, d], so one step costs O(t), not O(t^2). The
 teacher-forced ``forward`` runs the same layers over all positions at once with a causal mask.
-Only plain nn.Linear / nn.Embedding / nn.LayerNorm hold weights, so pruning and dynamic int8
-quantization see every one of them. ``embed_rank`` / ``tie_embeddings`` factorise or tie the word
+Only plain nn.Linear / nn.Embedding / nn.LayerNorm hold weights, so pruning, int8 storage and
+ONNX export see every one of them. ``embed_rank`` / ``tie_embeddings`` factorise or tie the word
 embedding and the generator (see ``embedding.py``); fewer or narrower layers are just smaller settings.
 """
 from __future__ import annotations

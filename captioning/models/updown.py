@@ -13,8 +13,8 @@ where fc = dropout(relu(fc_embed(mean feature))), att_i = dropout(relu(att_embed
 p_att_i = ctx2att(att_i) are computed once per image in ``prepare``.
 
 At the COCO settings (V=9487, E=H=1000, attention 512, 2048-d features) it has 52,125,025 parameters.
-Only plain nn.Embedding / nn.Linear / nn.LSTMCell hold weights, so pruning and dynamic int8
-quantization see every one of them. ``embed_rank`` / ``tie_embeddings`` factorise or tie the word
+Only plain nn.Embedding / nn.Linear / nn.LSTMCell hold weights, so pruning, int8 storage and
+ONNX export see every one of them. ``embed_rank`` / ``tie_embeddings`` factorise or tie the word
 embedding and the output layer (see ``embedding.py``); smaller E, H and attention widths are
 just smaller settings.
 """

@@ -216,8 +216,9 @@ def load_captioner(path: str | Path, device: str = "cpu", runtime: str | None = 
     """Rebuild a Captioner from an artifact alone: no dataset, config or network needed.
 
     ``device`` "auto" means CUDA when present; on torch every quantization computes in float, so
-    any artifact runs on any device (``compress.quantize``). ``runtime`` (torch or onnxruntime) overrides the engine the
-    artifact was packed for; ONNX Runtime gets an ``OrtCaptioner`` on CPU with ``threads`` threads.
+    any artifact runs on any device (``compress.quantize``). ``runtime`` (torch or onnxruntime)
+    overrides the engine the artifact was packed for; ONNX Runtime gets an ``OrtCaptioner`` on CPU
+    with ``threads`` threads.
 
     The artifact may come from a stranger: its configs are checked against bounds and its model is
     first built on the meta device (no memory) and compared with the stored tensors, so a config

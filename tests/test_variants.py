@@ -175,11 +175,11 @@ def test_default_grid():
     variants = grid(c)
     names = [v.name for v in variants]
     # xe rows: r50 x 3 families + lite0 x 6 decoders = 9; compress: lite0 x 3 pruned decoders x
-    # (xe + 5 global ratios + gradual0.9 + gradual_lamp0.9) x 2 quantizations = 48, less the 3 dense fp32 rows
+    # (xe + 6 global ratios + gradual0.9 + gradual_lamp0.9) x 2 quantizations = 54, less the 3 dense fp32 rows
     # already there, plus the 3 slim decoders in int8 (their fp32 rows are there), plus 6 dense decoders x
     # (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: the 3 slim decoders' kd rows in
     # fp32 and int8 (their xe rows are there); scst: 3 decoders.
-    assert len(variants) == 9 + 45 + 3 + 12 + 3 + 6 + 3 == 81
+    assert len(variants) == 9 + 51 + 3 + 12 + 3 + 6 + 3 == 87
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))

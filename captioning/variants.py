@@ -185,12 +185,16 @@ class Variant:
         if self.runtime != "torch":
             return "runtime"  # the same fp32 weights on another engine: a speed row, not compression
         if self.control:
-            return "control"
+            # an architecture change gets the same fine-tuning as its parent's control, and stays what it is
+            return "architecture" if self._architecture(config) else "control"
         if self.training != "xe":
             return {"kd": "distill"}.get(self.training, self.training)
         if "variant_of" in config["decoders"][self.dec]:
-            return "tuning" if is_tuning(config, self.dec) else "architecture"
+            return "architecture" if self._architecture(config) else "tuning"
         return "baseline" if self.enc == config["baseline_encoder"] else "encoder"
+
+    def _architecture(self, config: dict) -> bool:
+        return "variant_of" in config["decoders"][self.dec] and not is_tuning(config, self.dec)
 
     def meta(self, config: dict) -> dict:
         """What the variant is, recorded in its artifact and metrics: the table's identity columns.
@@ -220,7 +224,8 @@ def grid(config: dict) -> list[Variant]:
     """Every table row, once, in table order: baseline and encoder replacement for every encoder and
     its decoders; then for the compress encoders and decoders every quantization of the dense
     decoders and of the pruned ones (``pruned_decoders``), the dense decoders on ONNX Runtime, and
-    the dense control (fp32); then the distilled rows (in each of ``distill.quantization``) and the
+    the dense control of every compress decoder in every quantization (the pruned decoders' fp32
+    controls first), the unpruned decoders' also on ONNX Runtime; then the distilled rows (in each of ``distill.quantization``) and the
     SCST rows; then, with ``seeds`` > 1, the dense references (baseline, encoder, tuning and control
     rows), the architecture changes and the distilled students (fp32) under the other seeds."""
     c = config["compress"]
@@ -239,8 +244,15 @@ def grid(config: dict) -> list[Variant]:
         out += [Variant(e, d, "xe", q + ORT_TAG) for d in stage_decoders(config, "compress")
                 for q in c.get("onnxruntime", [])]
         if p.get("control", True) and (p["ratios"] or p["compare_methods"]):
-            # the dense control of the sweep: what every pruned row's extra fine-tuning alone gives
-            out += [Variant(e, d, dstage_name("xe", p["method"], 0)) for d in pruned]
+            # the dense control of the sweep: what every pruned row's extra fine-tuning alone gives;
+            # the decoders left unpruned get the same fine-tuning, so that a slim decoder is compressed
+            # from a model trained as long as the control it is measured against: in every
+            # quantization, and theirs on ONNX Runtime too (what a deployer would ship)
+            control = dstage_name("xe", p["method"], 0)
+            out += [Variant(e, d, control) for d in pruned]
+            out += [Variant(e, d, control, q) for d in stage_decoders(config, "compress") for q in c["quantization"]]
+            out += [Variant(e, d, control, q + ORT_TAG) for d in stage_decoders(config, "compress")
+                    if d not in pruned for q in c.get("onnxruntime", [])]
     for e in config["distill"]["encoders"]:
         # each student beside the same decoder trained without a teacher, then in its other quantizations
         students = stage_decoders(config, "distill")

@@ -270,6 +270,26 @@ def test_summary_sets_each_architecture_change_beside_its_parent_and_averages_se
     assert "| 1 and 1 | – |" in text[text.index("## Architecture changes"):]
 
 
+def test_a_slim_decoders_dense_control_is_set_beside_its_parents_control(tmp_path):
+    """Given the control's fine-tuning, a slim decoder is an architecture change still: compared with
+    the parent trained as long, never a quality reference; its int8 row fills a budget."""
+    slim = dict(decoder="ud_slim", family="ud")
+    ctl = dict(prune_method="global", prune_ratio=0.0)
+    rows = ROWS + [
+        row("small-ud_slim-xe", "small", "architecture", 5.0, 0.85, **slim),
+        row("small-ud_slim-ctl", "small", "architecture", 5.0, 1.05, **slim, **ctl),
+        row("small-ud_slim-ctl8", "small", "quantize", 1.5, 0.995, quantization="int8", **slim, **ctl),
+    ]
+    df = build_table(_metrics(tmp_path, rows, per_image=True), BASELINES)
+    assert set(df.loc[df["family"] == "ud", "quality_reference"]) == {"small-ud-ctl"}  # not the slim one (1.05)
+    text = summary_markdown(df)
+    section = text[text.index("## Architecture changes"):text.index("## Training")]
+    assert "| `small-ud_slim-xe` | `small-ud-xe` | 5.00 | 10.00 | 0.9000 | 0.8500 | -5.56% [" in section
+    assert "| `small-ud_slim-ctl` | `small-ud-ctl` | 5.00 | 10.00 | 1.0000 | 1.0500 | +5.00% [" in section
+    assert "ctl8" not in section
+    assert best_within(compression_rows(df[df["family"] == "ud"]), 1.0)["variant"] == "small-ud_slim-ctl8"
+
+
 def test_summary_averages_a_distilled_student_and_the_same_decoder_without_a_teacher_over_seeds(tmp_path):
     """A distilled student against the same decoder trained without a teacher, alone and, with seed
     copies of both, as the change of their seed-averaged scores; SCST rows (one seed) get none."""

@@ -100,6 +100,8 @@ def test_parse_refuses_what_is_not_a_variant_name(name):
     ("lite0-updown_slim-kd-fp32", "distill"),
     ("lite0-updown-xe_global0-fp32", "control"),   # the sweep's ratio-0 point: fine-tuned, nothing pruned
     ("lite0-updown-xe_global0-int8", "quantize"),
+    ("lite0-updown_slim-xe_global0-fp32", "architecture"),  # a slim decoder given the control's fine-tuning
+    ("lite0-updown_slim-xe_global0-int8", "quantize"),
     ("lite0-updown-xe-int8_ort", "quantize"),    # int8 weights, on another engine
     ("lite0-updown-xe-fp32_ort", "runtime"),     # the same weights on ONNX Runtime: speed, not compression
 ])
@@ -177,22 +179,29 @@ def test_default_grid():
     # xe rows: r50 x 3 families + lite0 x 6 decoders = 9; compress: lite0 x 3 pruned decoders x
     # (xe + 6 global ratios + gradual0.9 + gradual_lamp0.9) x 2 quantizations = 54, less the 3 dense fp32 rows
     # already there, plus the 3 slim decoders in int8 (their fp32 rows are there), plus 6 dense decoders x
-    # (fp32, int8) on ONNX Runtime, plus 3 dense controls (fp32); distill: the 3 slim decoders' kd rows in
+    # (fp32, int8) on ONNX Runtime, plus the dense control of the 6 compress decoders in fp32 and int8,
+    # the 3 slim decoders' also on ONNX Runtime (fp32, int8); distill: the 3 slim decoders' kd rows in
     # fp32 and int8 (their xe rows are there); scst: 3 decoders.
-    assert len(variants) == 9 + 51 + 3 + 12 + 3 + 6 + 3 == 87
+    assert len(variants) == 9 + 51 + 3 + 12 + 12 + 6 + 6 + 3 == 102
     assert len(set(names)) == len(names)
     assert names[:3] == ["r50-updown-xe-fp32", "r50-aoanet-xe-fp32", "r50-transformer-xe-fp32"]
     assert all(Variant.parse(n) == v for n, v in zip(names, variants))
     assert {"lite0-aoanet-xe_gradual0.9-int8", "lite0-updown-xe_gradual_lamp0.9-int8", "lite0-updown_slim-kd-fp32",
             "lite0-transformer-scst-fp32", "lite0-transformer-xe-int8_ort", "lite0-updown-xe-fp32_ort",
             "lite0-aoanet_slim-xe-int8", "lite0-transformer_slim-xe-int8_ort"} <= set(names)
-    assert not any("_slim-xe_" in n for n in names)  # the slim decoders are not pruned
+    assert not any("_slim-xe_" in n and "-xe_global0-" not in n for n in names)  # the slim decoders are not pruned
     assert not any(n.startswith("r50-") and "_slim" in n for n in names)  # compared with the family baseline
     stages = [v.stage(c) for v in variants]
     assert stages.count("baseline") == 3 and stages.count("distill") == 3 and stages.count("scst") == 3
     assert "lite0-transformer_slim-kd-int8" in names
     assert [n for n, s in zip(names, stages) if s == "control"] == [
         f"lite0-{d}-xe_global0-fp32" for d in ("updown", "aoanet", "transformer")]
+    # the slim decoders get the control's fine-tuning too: architecture changes, compressed from there
+    assert [n for n, s in zip(names, stages) if s == "architecture" and "_global0-" in n] == [
+        f"lite0-{d}_slim-xe_global0-fp32" for d in ("updown", "aoanet", "transformer")]
+    assert {f"lite0-{d}-xe_global0-int8" for d in ("updown", "updown_slim", "transformer_slim")} <= set(names)
+    assert [n for n in names if "-xe_global0-int8_ort" in n] == [
+        f"lite0-{d}_slim-xe_global0-int8_ort" for d in ("updown", "aoanet", "transformer")]
 
 
 def test_small_grid_equals_the_hand_written_rows_in_order():
@@ -201,7 +210,7 @@ def test_small_grid_equals_the_hand_written_rows_in_order():
         "small-u-xe-int8", "small-u-xe_global0.5-fp32", "small-u-xe_global0.5-int8",
         "small-u-xe_gradual0.5-fp32", "small-u-xe_gradual0.5-int8",
         "small-u-xe-int8_ort",
-        "small-u-xe_global0-fp32",
+        "small-u-xe_global0-fp32", "small-u-xe_global0-int8",
         "small-u_slim-kd-fp32",
         "small-u-scst-fp32", "small-u-scst-int8",
     ]
@@ -244,15 +253,21 @@ def test_importing_the_grid_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_decoders_left_out_of_the_pruning_sweep_are_quantized_only():
+def test_decoders_left_out_of_the_pruning_sweep_get_the_controls_fine_tuning_and_are_quantized():
     c = _small()
     c["compress"]["decoders"] = ["u", "u_slim"]
     c["compress"]["prune"]["decoders"] = ["u"]
     names = [v.name for v in grid(c)]
     slim = [n for n in names if n.startswith("small-u_slim-") and "-kd-" not in n]
-    assert slim == ["small-u_slim-xe-fp32", "small-u_slim-xe-int8", "small-u_slim-xe-int8_ort"]
-    assert [n for n in names if "_global0-" in n] == ["small-u-xe_global0-fp32"]  # u's control only
+    assert slim == ["small-u_slim-xe-fp32", "small-u_slim-xe-int8", "small-u_slim-xe-int8_ort",
+                    "small-u_slim-xe_global0-fp32", "small-u_slim-xe_global0-int8",
+                    "small-u_slim-xe_global0-int8_ort"]  # never pruned
+    assert [n for n in names if "_global0-" in n] == [
+        "small-u-xe_global0-fp32", "small-u-xe_global0-int8", "small-u_slim-xe_global0-fp32",
+        "small-u_slim-xe_global0-int8", "small-u_slim-xe_global0-int8_ort"]  # the slim one on ONNX Runtime too
     assert Variant.parse("small-u_slim-xe-int8").stage(c) == "quantize"
+    # u's control is the reference candidate; u_slim's is an architecture change trained as long
+    assert [Variant.parse(n).stage(c) for n in names if "-xe_global0-fp32" in n] == ["control", "architecture"]
     c["compress"]["prune"]["decoders"] = None  # every compress decoder
     assert "small-u_slim-xe_gradual0.5-int8" in [v.name for v in grid(c)]
 

@@ -33,6 +33,7 @@ def test_table_has_every_variant_and_column(tiny_run):
         + [f"lite0-{d}-{s}-{q}" for d in ("updown", "transformer")
            for s in ("xe", "xe_global0.5", "xe_gradual0.5") for q in ("fp32", "fp16", "int8")]
         + ["lite0-updown-xe_global0-fp32", "lite0-transformer-xe_global0-fp32"]  # the dense controls
+        + [f"lite0-{d}-xe_global0-{q}" for d in ("updown", "transformer") for q in ("fp16", "int8")]
         + [f"lite0-{d}-xe-{q}_ort" for d in ("updown", "transformer") for q in ("fp32", "int8")])  # ONNX Runtime
     # Every decoder is compared with its family's baseline; the variant inherited its parent's arch.
     by = df.set_index("variant")

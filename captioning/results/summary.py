@@ -214,10 +214,22 @@ def _control_rows(g: pd.DataFrame, per_image: dict) -> list[str]:
     return lines
 
 
+def _fp32_main(df: pd.DataFrame) -> pd.DataFrame:
+    """The fp32 torch rows of the main seed."""
+    torch_rows = df["runtime"].fillna("torch") == "torch" if "runtime" in df else True
+    return df[(df["quantization"] == "fp32") & (df["stage"] != "seed") & torch_rows]
+
+
 def _dense_fp32(df: pd.DataFrame) -> pd.DataFrame:
     """The dense fp32 torch rows of the main seed: one row per encoder, decoder and training."""
-    torch_rows = df["runtime"].fillna("torch") == "torch" if "runtime" in df else True
-    return df[(df["quantization"] == "fp32") & df["prune_method"].isna() & (df["stage"] != "seed") & torch_rows]
+    fp32 = _fp32_main(df)
+    return fp32[fp32["prune_method"].isna()]
+
+
+def _controls(df: pd.DataFrame) -> pd.DataFrame:
+    """The dense controls (ratio 0, fp32, torch, main seed): a parent's, and its slim decoders'."""
+    fp32 = _fp32_main(df)
+    return fp32[fp32["prune_method"].notna() & (fp32["prune_ratio"] == 0)]
 
 
 def _seed_averaged(df: pd.DataFrame, per_image: dict, variant: str) -> tuple[int, dict | None]:
@@ -243,17 +255,18 @@ def _seeds_change(df: pd.DataFrame, per_image: dict, variant: str, ref: str) -> 
 
 
 def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
-    """Each architecture change (dense, fp32, cross-entropy) against its parent on the same encoder.
-    With seed copies of both (``seeds`` > 1), also the change of their seed-averaged scores: one
+    """Each architecture change (dense, fp32, cross-entropy) against its parent on the same encoder,
+    and its dense control (the sweep's fine-tuning, nothing pruned) against the parent's. With seed copies of both (``seeds`` > 1), also the change of their seed-averaged scores: one
     seed of each is a draw whose training noise can be larger than the change itself."""
     dense = _dense_fp32(df)
     main = dense[dense["training"].fillna("xe") == "xe"]
-    parents = main[main["decoder"] == main["family"]].set_index(["encoder", "decoder"])
+    main = pd.concat([main, _controls(df)]).assign(tuned=lambda d: d["prune_method"].notna())
+    parents = main[main["decoder"] == main["family"]].set_index(["encoder", "decoder", "tuned"])
     rows = []
     for r in main[main["stage"] == "architecture"].sort_values("variant").itertuples(index=False):
-        if (r.encoder, r.family) not in parents.index:
+        if (r.encoder, r.family, r.tuned) not in parents.index:
             continue
-        parent = parents.loc[(r.encoder, r.family)]
+        parent = parents.loc[(r.encoder, r.family, r.tuned)]
         change = change_with_interval(per_image, r.variant, parent["variant"], r.CIDEr, parent["CIDEr"])
         rows.append(f"| `{r.variant}` | `{parent['variant']}` | {r.size_mb:.2f} | {parent['size_mb']:.2f} | "
                     f"{parent['CIDEr']:.4f} | {r.CIDEr:.4f} | {fmt_change(*change)} | "
@@ -262,8 +275,8 @@ def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
         return []
     return ["## Architecture changes against their parent", "",
             "Each slimmer decoder against the architecture it changes, both dense, fp32 and trained by "
-            "cross-entropy on the same encoder. With several seeds of both, the last column compares their "
-            "per-image scores averaged over the seeds.", "",
+            "cross-entropy on the same encoder, and both again after the dense control's fine-tuning. With "
+            "several seeds of both, the last column compares their per-image scores averaged over the seeds.", "",
             "| architecture | parent | size (MB) | parent's size (MB) | CIDEr, parent | CIDEr | change [95% CI] | "
             "seeds | change of the seed averages [95% CI] |",
             "|---|---|---|---|---|---|---|---|---|", *rows, ""]

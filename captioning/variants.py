@@ -194,6 +194,7 @@ class Variant:
         return "baseline" if self.enc == config["baseline_encoder"] else "encoder"
 
     def _architecture(self, config: dict) -> bool:
+        """Whether the decoder is a variant_of entry that changes the architecture, not only training."""
         return "variant_of" in config["decoders"][self.dec] and not is_tuning(config, self.dec)
 
     def meta(self, config: dict) -> dict:
@@ -225,9 +226,10 @@ def grid(config: dict) -> list[Variant]:
     its decoders; then for the compress encoders and decoders every quantization of the dense
     decoders and of the pruned ones (``pruned_decoders``), the dense decoders on ONNX Runtime, and
     the dense control of every compress decoder in every quantization (the pruned decoders' fp32
-    controls first), the unpruned decoders' also on ONNX Runtime; then the distilled rows (in each of ``distill.quantization``) and the
-    SCST rows; then, with ``seeds`` > 1, the dense references (baseline, encoder, tuning and control
-    rows), the architecture changes and the distilled students (fp32) under the other seeds."""
+    controls first), the unpruned decoders' also on ONNX Runtime; then the distilled rows (in each
+    of ``distill.quantization``) and the SCST rows; then, with ``seeds`` > 1, the dense references
+    (baseline, encoder, tuning and control rows), the architecture changes (a slim decoder's control
+    too) and the distilled students (fp32) under the other seeds."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.

@@ -268,6 +268,9 @@ def test_decoders_left_out_of_the_pruning_sweep_get_the_controls_fine_tuning_and
     assert Variant.parse("small-u_slim-xe-int8").stage(c) == "quantize"
     # u's control is the reference candidate; u_slim's is an architecture change trained as long
     assert [Variant.parse(n).stage(c) for n in names if "-xe_global0-fp32" in n] == ["control", "architecture"]
+    # under several seeds it is set beside the parent's control over the seeds
+    seeded = [v.name for v in grid({**c, "seeds": 2}) if v.seed]
+    assert {"small-u-xe_global0_seed1-fp32", "small-u_slim-xe_global0_seed1-fp32"} <= set(seeded)
     c["compress"]["prune"]["decoders"] = None  # every compress decoder
     assert "small-u_slim-xe_gradual0.5-int8" in [v.name for v in grid(c)]
 

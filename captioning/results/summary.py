@@ -256,8 +256,9 @@ def _seeds_change(df: pd.DataFrame, per_image: dict, variant: str, ref: str) -> 
 
 def _architecture_rows(df: pd.DataFrame, per_image: dict) -> list[str]:
     """Each architecture change (dense, fp32, cross-entropy) against its parent on the same encoder,
-    and its dense control (the sweep's fine-tuning, nothing pruned) against the parent's. With seed copies of both (``seeds`` > 1), also the change of their seed-averaged scores: one
-    seed of each is a draw whose training noise can be larger than the change itself."""
+    and its dense control (the sweep's fine-tuning, nothing pruned) against the parent's. With seed
+    copies of both (``seeds`` > 1), also the change of their seed-averaged scores: one seed of each
+    is a draw whose training noise can be larger than the change itself."""
     dense = _dense_fp32(df)
     main = dense[dense["training"].fillna("xe") == "xe"]
     main = pd.concat([main, _controls(df)]).assign(tuned=lambda d: d["prune_method"].notna())

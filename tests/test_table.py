@@ -239,6 +239,30 @@ def test_seed_copies_measure_training_noise_and_never_serve_as_reference(tmp_pat
     assert "_seed" not in text[:text.index("## Training noise")]
 
 
+def test_a_budget_row_is_also_judged_over_the_seeds(tmp_path):
+    """The budget is filled on the main seed; with seed copies of its row and of the quality reference
+    the table gives the change of their seed averages, and says when that misses the budget."""
+    ctl = dict(prune_method="global", prune_ratio=0.0)
+    names = {"small-ud-ctl": "small-ud-xe_global0-fp32", "small-ud-int8": "small-ud-xe_global0-int8"}
+    rows = [dict(r, variant=names[r["variant"]], seed=0, **ctl) if r["variant"] in names else r for r in ROWS]
+    rows += [row(f"small-ud-xe_global0_seed{k}-{q}", "small", "seed", size, cider, seed=k, quantization=q, **ctl)
+             for k in (1, 2) for q, size, cider in (("fp32", 10.0, 1.0), ("int8", 3.0, 0.95))]
+    df = build_table(_metrics(tmp_path, rows, per_image=True), BASELINES)
+    ud = summary_markdown(df).split("## ud")[1]
+    # the main seed passes 1% (-0.5%); over 3 seeds (0.995, 0.95, 0.95 against 1.0 thrice) it is -3.5%
+    line = next(x for x in ud.splitlines() if x.startswith("| 1% |"))
+    assert line.startswith("| 1% | `small-ud-xe_global0-int8` | 3.00 | 97.00% | 0.9950 | -0.50% [")
+    assert "| 3 and 3 | -3.50% [" in line and line.endswith("significant loss |")
+    assert ("- Over the seeds, `small-ud-xe_global0-int8` misses the 1% budget: its seed average against the "
+            "quality reference's is -3.50% [") in ud
+    # 2% goes to a pruned row, which has no seed copies
+    assert next(x for x in ud.splitlines() if x.startswith("| 2% |")).endswith("| 1 and 3 | – |")
+    assert "misses the 2% budget" not in ud
+    alone = [r for r in rows if "_seed" not in r["variant"]]
+    ud = summary_markdown(build_table(_metrics(tmp_path / "alone", alone, per_image=True), BASELINES)).split("## ud")[1]
+    assert "| 1 and 1 | – |" in ud and "Over the seeds" not in ud
+
+
 def test_no_seed_copies_no_noise_section(tmp_path):
     text = summary_markdown(build_table(_metrics(tmp_path, ROWS), BASELINES))
     assert "Training noise" not in text

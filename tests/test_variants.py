@@ -64,10 +64,12 @@ def test_seeds_copy_the_dense_references_architectures_and_students_only():
     c = {**_small(), "seeds": 3}
     names = [v.name for v in grid(c)]
     assert names[:len(grid(_small()))] == [v.name for v in grid(_small())]  # the main rows first, unchanged
-    # the distilled student too (stage distill), never an SCST, pruned or quantized row
+    # the distilled student too (stage distill), and the torch int8 rows of these models (a budget is
+    # judged over the seeds); never an SCST, pruned or ONNX Runtime row
     assert names[len(grid(_small())):] == [
-        f"{v}_seed{k}-fp32" for k in (1, 2)
-        for v in ("big-u-xe", "small-u-xe", "small-u_slim-xe", "small-u-xe_global0", "small-u_slim-kd")]
+        f"{v}_seed{k}-{q}" for k in (1, 2)
+        for v, q in (("big-u-xe", "fp32"), ("small-u-xe", "fp32"), ("small-u_slim-xe", "fp32"), ("small-u-xe", "int8"),
+                     ("small-u-xe_global0", "fp32"), ("small-u-xe_global0", "int8"), ("small-u_slim-kd", "fp32"))]
     assert all(v.stage(c) == "seed" for v in grid(c)[len(grid(_small())):])
 
 
@@ -152,7 +154,7 @@ def test_a_variant_that_changes_only_training_settings_is_tuning_and_a_reference
     seeds = [v.name for v in grid({**c, "seeds": 2}) if v.seed]
     # both are seeded: a tuned parent is a reference, an architecture is compared with its parent over the seeds
     assert "small-u_d2-xe_seed1-fp32" in seeds and "small-u_slim-xe_seed1-fp32" in seeds
-    assert not [n for n in seeds if "int8" in n or "_global0." in n]  # never a compressed row
+    assert not [n for n in seeds if "_ort" in n or "_global0." in n or "scst" in n]  # never pruned, ORT or SCST
 
 
 def test_decoder_family_is_the_parent_of_a_variant():

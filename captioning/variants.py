@@ -36,8 +36,8 @@ def stage_decoders(config: dict, stage: str) -> list[str]:
 
 
 def pruned_decoders(config: dict) -> list[str]:
-    """The compress decoders that the pruning sweep (and its dense control) covers: compress.prune's
-    decoders list, or every compress decoder. The others are quantized only."""
+    """The compress decoders that the pruning sweep covers: compress.prune's decoders list, or every
+    compress decoder. The others are not pruned; they still get the dense control's fine-tuning."""
     names = config["compress"]["prune"].get("decoders")
     return stage_decoders(config, "compress") if names is None else list(names)
 
@@ -172,10 +172,11 @@ class Variant:
 
     def stage(self, config: dict) -> str:
         """The one change this row measures against its baseline, checked from the most specific:
-        a pruned decoder, then quantization, then the dense control, then SCST or distillation,
-        then a variant_of entry (an architecture change, or "tuning" when it changes only training
-        settings such as dropout), then a replaced encoder. A reference trained under another
-        seed measures training noise alone (stage "seed")."""
+        a pruned decoder, then quantization, then the dense control (an architecture change's
+        control stays "architecture": never a reference), then SCST or distillation, then a
+        variant_of entry (an architecture change, or "tuning" when it changes only training settings
+        such as dropout), then a replaced encoder. A reference trained under another seed measures
+        training noise alone (stage "seed")."""
         if self.seed:
             return "seed"
         if self.prune_method and not self.control:
@@ -256,6 +257,8 @@ def grid(config: dict) -> list[Variant]:
             out += [Variant(e, d, control, q) for d in stage_decoders(config, "compress") for q in c["quantization"]]
             out += [Variant(e, d, control, q + ORT_TAG) for d in stage_decoders(config, "compress")
                     if d not in pruned for q in c.get("onnxruntime", [])]
+            # every fp32 control, even where compress.quantization leaves fp32 out: the summary reads them
+            out += [Variant(e, d, control) for d in stage_decoders(config, "compress")]
     for e in config["distill"]["encoders"]:
         # each student beside the same decoder trained without a teacher, then in its other quantizations
         students = stage_decoders(config, "distill")

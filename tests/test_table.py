@@ -260,7 +260,24 @@ def test_a_budget_row_is_also_judged_over_the_seeds(tmp_path):
     assert "misses the 2% budget" not in ud
     alone = [r for r in rows if "_seed" not in r["variant"]]
     ud = summary_markdown(build_table(_metrics(tmp_path / "alone", alone, per_image=True), BASELINES)).split("## ud")[1]
-    assert "| 1 and 1 | – |" in ud and "Over the seeds" not in ud
+    table = [x for x in ud.splitlines() if x.startswith("| 1% |") or x.startswith("| CIDEr loss at most |")]
+    assert table[0].count("|") == 11 and table[0].endswith("| seeds | change of the seed averages [95% CI] |")
+    assert table[1].endswith("| 1 and 1 | – |") and "Over the seeds" not in ud
+
+
+def test_a_pruned_architecture_change_is_read_against_its_own_control(tmp_path):
+    """A wider decoder pruned in the sweep: its control has stage "architecture" (never a reference),
+    and its pruned rows are still set beside that control."""
+    wide = dict(decoder="ud_w", family="ud")
+    rows = ROWS + [
+        row("small-ud_w-ctl", "small", "architecture", 20.0, 1.1, prune_method="global", prune_ratio=0.0, **wide),
+        row("small-ud_w-p5", "small", "prune", 12.0, 1.045, prune_method="global", prune_ratio=0.5, **wide),
+    ]
+    df = build_table(_metrics(tmp_path, rows), BASELINES)
+    assert set(df.loc[df["family"] == "ud", "quality_reference"]) == {"small-ud-ctl"}  # not the wide one (1.1)
+    text = summary_markdown(df)
+    assert "Pruning against the dense control `small-ud_w-ctl` (CIDEr 1.1000)" in text
+    assert "| `small-ud_w-p5` | global | 0.5 | fp32 | 12.00 | 1.0450 | -5.00% |" in text
 
 
 def test_no_seed_copies_no_noise_section(tmp_path):

@@ -154,7 +154,8 @@ def test_a_variant_that_changes_only_training_settings_is_tuning_and_a_reference
     seeds = [v.name for v in grid({**c, "seeds": 2}) if v.seed]
     # both are seeded: a tuned parent is a reference, an architecture is compared with its parent over the seeds
     assert "small-u_d2-xe_seed1-fp32" in seeds and "small-u_slim-xe_seed1-fp32" in seeds
-    assert not [n for n in seeds if "_ort" in n or "_global0." in n or "scst" in n]  # never pruned, ORT or SCST
+    # never a pruned, ONNX Runtime or SCST row
+    assert not [n for n in seeds if Variant.parse(n).prune_ratio > 0 or "_ort" in n or "scst" in n]
 
 
 def test_decoder_family_is_the_parent_of_a_variant():
@@ -283,3 +284,15 @@ def test_the_dense_control_can_be_turned_off():
     assert "small-u-xe_global0-fp32" not in [v.name for v in grid(c)]
     c["compress"]["prune"].update(control=True, ratios=[], compare_methods=[])  # no sweep, no control
     assert not any(v.control for v in grid(c))
+
+
+def test_every_compress_decoder_has_an_fp32_control_even_without_fp32_rows():
+    """The summary reads controls in fp32: a slim decoder left unpruned keeps its fp32 control when
+    compress.quantization lists int8 only."""
+    c = _small()
+    c["compress"] = {**c["compress"], "decoders": ["u", "u_slim"], "quantization": ["int8"],
+                     "prune": {**c["compress"]["prune"], "decoders": ["u"]}}
+    names = [v.name for v in grid(c)]
+    assert "small-u_slim-xe_global0-fp32" in names and "small-u_slim-xe_global0-int8" in names
+    assert "small-u_slim-xe_global0.5-int8" not in names and "small-u-xe_global0.5-fp32" not in names
+    assert len(names) == len(set(names))

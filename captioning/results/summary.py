@@ -134,8 +134,8 @@ def seed_spread(df: pd.DataFrame, variant: str) -> dict | None:
 
 
 def _seed_rows(df: pd.DataFrame) -> list[str]:
-    """Every seeded model (dense reference, architecture change or distilled student) beside its copies
-    trained under the other seeds."""
+    """Every seeded model (dense reference, architecture change or distilled student, each also in its
+    torch quantizations) beside its copies trained under the other seeds."""
     copies = df[df["stage"] == "seed"]
     if copies.empty:
         return []
@@ -147,7 +147,8 @@ def _seed_rows(df: pd.DataFrame) -> list[str]:
         per_seed = ", ".join(f"{c:.4f}" for c in s["values"])
         rows.append(f"| `{name}` | {s['n']} | {per_seed} | {s['mean']:.4f} | {s['sd']:.4f} ({s['sd_pct']:.1f}%) | "
                     f"{(s['max'] - s['min']) / s['mean'] * 100:.1f}% |")
-    return ["## Training noise: the dense references, architecture changes and distilled students under several seeds",
+    return ["## Training noise: the dense references, architecture changes and distilled students (and their "
+            "torch quantizations) under several seeds",
             "",
             "The same model trained again under another seed (rows `..._seed<k>`, stage `seed`): never a reference "
             "and never in a budget. A CIDEr change smaller than this spread is within training noise, whatever "
@@ -202,9 +203,10 @@ def _budget_rows(df: pd.DataFrame, g: pd.DataFrame, base: pd.Series | None, per_
 
 
 def _control_rows(g: pd.DataFrame, per_image: dict) -> list[str]:
-    """Every pruned row against the dense control of its encoder and decoder (same fine-tuning)."""
+    """Every pruned row against the dense control of its encoder and decoder (same fine-tuning); an
+    architecture change's control too, though its stage is "architecture"."""
     lines = []
-    for control in g[g["stage"] == "control"].sort_values("variant").itertuples(index=False):
+    for control in _controls(g).sort_values("variant").itertuples(index=False):
         pruned = g[(g["stage"] == "prune") & (g["encoder"] == control.encoder) & (g["decoder"] == control.decoder)]
         pruned = pruned.sort_values(["quantization", "prune_ratio", "prune_method", "variant"])
         if pruned.empty:

@@ -40,7 +40,8 @@ rule prune_finetune:
         " --log-json {log}.json > {log} 2>&1"
 
 
-# Training noise (config seeds): the dense control of a reference trained under seed + k.
+# Training noise (config seeds): the dense control of a seeded decoder (a reference or an architecture
+# change) trained under seed + k.
 use rule prune_finetune as prune_finetune_seed with:
     message:
         "Fine-tuning the dense control of decoder {wildcards.dec} on encoder {wildcards.enc} (seed + {wildcards.k})"

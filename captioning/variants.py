@@ -84,7 +84,7 @@ REFERENCE_STAGES = ("baseline", "encoder", "tuning", "control")
 # What ``seeds`` trains again: the references, each architecture change and each distilled student
 # (with the same teacher), so the summary can set an architecture beside its parent, and a student
 # beside the same decoder trained without a teacher, over the seeds (one seed's gap is within
-# training noise); their torch quantizations too, so a budget row is judged over the seeds.
+# training noise); their quantizations too, so a budget's row is judged over the seeds.
 SEEDED_STAGES = (*REFERENCE_STAGES, "architecture", "distill")
 
 
@@ -230,8 +230,8 @@ def grid(config: dict) -> list[Variant]:
     controls first), the unpruned decoders' also on ONNX Runtime; then the distilled rows (in each
     of ``distill.quantization``) and the SCST rows; then, with ``seeds`` > 1, the dense references
     (baseline, encoder, tuning and control rows), the architecture changes (a slim decoder's control
-    too) and the distilled students under the other seeds, each in fp32 and in its other torch
-    quantizations."""
+    too) and the distilled students under the other seeds, each in fp32 and in its other
+    quantizations (on ONNX Runtime too, fp32 there aside)."""
     c = config["compress"]
     p = c["prune"]
     # An architecture variant needs no big-encoder row of its own: it is compared with its family's baseline.
@@ -268,11 +268,11 @@ def grid(config: dict) -> list[Variant]:
         out += [Variant(e, d, "scst", q) for d in stage_decoders(config, "scst")
                 for q in config["scst"]["quantization"]]
     out = list(dict.fromkeys(out))
-    # the seeded models in their torch quantizations too: a row that fills a budget (a slim control
-    # in int8) is then also judged over the seeds, not on one seed's draw alone
+    # the seeded models in their quantizations too (ONNX Runtime's included; its fp32 gives torch's
+    # captions): a row that fills a budget (a slim control in int8) or is the fastest within it is
+    # then also judged over the seeds, not on one seed's draw alone
     seeded = [v for v in out if v.stage(config) in SEEDED_STAGES
-              or (v.stage(config) == "quantize" and v.runtime == "torch"
-                  and Variant(v.enc, v.dec, v.dstage).stage(config) in SEEDED_STAGES)]
+              or (v.stage(config) == "quantize" and Variant(v.enc, v.dec, v.dstage).stage(config) in SEEDED_STAGES)]
     return out + [v.with_seed(k) for k in range(1, config.get("seeds", 1)) for v in seeded]
 
 

@@ -245,6 +245,7 @@ def test_a_budget_row_is_also_judged_over_the_seeds(tmp_path):
     ctl = dict(prune_method="global", prune_ratio=0.0)
     names = {"small-ud-ctl": "small-ud-xe_global0-fp32", "small-ud-int8": "small-ud-xe_global0-int8"}
     rows = [dict(r, variant=names[r["variant"]], seed=0, **ctl) if r["variant"] in names else r for r in ROWS]
+    rows = [dict(r, latency_ms=0.5) if r["variant"] == "small-ud-xe_global0-int8" else r for r in rows]  # the fastest
     rows += [row(f"small-ud-xe_global0_seed{k}-{q}", "small", "seed", size, cider, seed=k, quantization=q, **ctl)
              for k in (1, 2) for q, size, cider in (("fp32", 10.0, 1.0), ("int8", 3.0, 0.95))]
     df = build_table(_metrics(tmp_path, rows, per_image=True), BASELINES)
@@ -255,14 +256,18 @@ def test_a_budget_row_is_also_judged_over_the_seeds(tmp_path):
     assert "| 3 and 3 | -3.50% [" in line and line.endswith("significant loss |")
     assert ("- Over the seeds, `small-ud-xe_global0-int8` misses the 1% budget: its seed average against the "
             "quality reference's is -3.50% [") in ud
+    # the fastest within either budget is the same row, judged over the seeds too
+    assert ("- Fastest within 1%: `small-ud-xe_global0-int8`, 0.5 ms per image, 2.0× faster than the baseline, "
+            "97.00% smaller, CIDEr -0.50% [") in ud
+    assert ud.count("; over 3 and 3 seeds -3.50% [") == 2 and "significant loss, which misses the 1% budget." in ud
     # 2% goes to a pruned row, which has no seed copies
     assert next(x for x in ud.splitlines() if x.startswith("| 2% |")).endswith("| 1 and 3 | – |")
-    assert "misses the 2% budget" not in ud
+    assert "misses the 2% budget: " not in ud and "which misses the 2% budget." in ud  # the fastest line's
     alone = [r for r in rows if "_seed" not in r["variant"]]
     ud = summary_markdown(build_table(_metrics(tmp_path / "alone", alone, per_image=True), BASELINES)).split("## ud")[1]
     table = [x for x in ud.splitlines() if x.startswith("| 1% |") or x.startswith("| CIDEr loss at most |")]
     assert table[0].count("|") == 11 and table[0].endswith("| seeds | change of the seed averages [95% CI] |")
-    assert table[1].endswith("| 1 and 1 | – |") and "Over the seeds" not in ud
+    assert table[1].endswith("| 1 and 1 | – |") and "Over the seeds" not in ud and "seeds -" not in ud
 
 
 def test_a_pruned_architecture_change_is_read_against_its_own_control(tmp_path):
